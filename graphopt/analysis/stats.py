@@ -1,0 +1,48 @@
+"""Model-level figures the report shows before and after each pass: nodes, parameters, FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import ir
+from graphopt.analysis.cost import graph_cost
+from graphopt.pass_manager import register_analysis
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    nodes: int
+    parameters: int
+    parameter_bytes: int
+    flops: int
+    # FLOPs are a lower bound when some node's shapes are symbolic or unknown.
+    flops_exact: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@register_analysis("stats")
+def stats_analysis(model: ir.Model, ctx) -> ModelStats:
+    ctx.analysis("shapes")
+    return model_stats(model, ctx.options.get("symbolic_dims"))
+
+
+def model_stats(model: ir.Model, symbolic_dims: dict[str, int] | None = None) -> ModelStats:
+    """Figures from the shapes the tensors carry now (no new inference: cheap enough per pass)."""
+    nodes = sum(len(g.nodes) for g in model.graphs())
+    seen: set[int] = set()
+    params = param_bytes = 0
+    for graph in model.graphs():
+        for node in graph.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen.add(id(t))
+                    count = int(np.prod(t.shape))
+                    params += count
+                    param_bytes += count * np.dtype(t.dtype).itemsize
+    cost = graph_cost(model.graph, symbolic_dims)
+    return ModelStats(nodes, params, param_bytes, int(cost["flops"]), cost["unknown_nodes"] == 0)

@@ -1,0 +1,134 @@
+"""The main job as a library call: load, optimize for a target, check, verify, report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from graphopt import ir
+from graphopt.analysis.stats import ModelStats, model_stats
+from graphopt.errors import GraphoptError
+from graphopt.instruments import DumpIR, StatsDelta, VerifyEach
+from graphopt.pass_manager import PassContext, PassManager, PassRecord
+from graphopt.pipelines import build_pipeline
+
+
+@dataclass
+class Report:
+    source: str
+    target: str
+    opt_level: int
+    before: ModelStats
+    after: ModelStats
+    bytes_before: int
+    bytes_after: int
+    passes: list[PassRecord]
+    pass_deltas: dict[str, dict[str, int]]
+    seconds: float
+    fidelity: Any = None  # graphopt.verify.Fidelity when verified
+    rollbacks: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "opt_level": self.opt_level,
+            "before": self.before.to_dict() | {"bytes": self.bytes_before},
+            "after": self.after.to_dict() | {"bytes": self.bytes_after},
+            "seconds": round(self.seconds, 4),
+            "passes": [
+                {
+                    "name": r.name,
+                    "runs": r.runs,
+                    "seconds": round(r.seconds, 4),
+                    "changed": r.changed,
+                    "stats": r.stats,
+                    "delta": self.pass_deltas.get(r.name, {}),
+                    "rolled_back": r.rolled_back,
+                }
+                for r in self.passes
+            ],
+            "rollbacks": [{"pass": p, "reason": why} for p, why in self.rollbacks],
+            "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
+        }
+
+
+def resolve_source(spec: str) -> tuple[onnx.ModelProto, str | None]:
+    """A model from `zoo:NAME` or a file path; returns the proto and the file path (None for zoo)."""
+    if spec.startswith("zoo:"):
+        from graphopt import models
+
+        return models.load(spec[4:]), None
+    return ir.load_proto(spec), spec
+
+
+def optimize(
+    proto: onnx.ModelProto,
+    *,
+    target: str = "x86_64",
+    opt_level: int = 2,
+    passes: list[str] | None = None,
+    disabled: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+    verify_each: bool = False,
+    verify_inputs: dict | None = None,
+    dump_ir: str | None = None,
+    fold_input_defaults: bool = False,
+    source: str = "<model>",
+    reference: onnx.ModelProto | str | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Optimize a model. `proto` is consumed (its tensors move into the result); pass `reference`
+    (a copy or the file path) to verify against the original.
+    """
+    from graphopt import targets
+
+    tgt = targets.get(target)
+    pipeline = build_pipeline(opt_level, tgt, only=passes, disabled=disabled)
+    bytes_before = ir.proto_nbytes(proto)
+    opset = next((v for d, v in ((i.domain, i.version) for i in proto.opset_import) if d in ir.DEFAULT_DOMAINS), None)
+    if opset is not None and opset > tgt.max_opset:
+        raise GraphoptError(
+            f"model uses opset {opset} but the {tgt.name} runtime supports opsets up to {tgt.max_opset}"
+        )
+    if verify_each and reference is None:
+        raise GraphoptError("--verify-each needs the original model to compare against")
+    model = ir.from_proto(proto, fold_input_defaults=fold_input_defaults)
+    ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}))
+    ctx.analysis("shapes")
+    before = model_stats(model, ctx.options.get("symbolic_dims"))
+    deltas = StatsDelta()
+    ctx.instruments.append(deltas)
+    verifier = None
+    if verify_each:
+        from graphopt import verify
+
+        inputs = verify_inputs if verify_inputs is not None else verify.make_inputs(reference)
+        verifier = VerifyEach(reference, inputs)
+        ctx.instruments.append(verifier)
+    if dump_ir:
+        ctx.instruments.append(DumpIR(dump_ir))
+    start = time.perf_counter()
+    records = PassManager(pipeline).run(ctx)
+    seconds = time.perf_counter() - start
+    ctx.analyses.invalidate()
+    ctx.analysis("shapes")
+    after = model_stats(model, ctx.options.get("symbolic_dims"))
+    result = ir.to_proto(model)
+    ir.check(result)
+    report = Report(
+        source=source,
+        target=tgt.name,
+        opt_level=opt_level,
+        before=before,
+        after=after,
+        bytes_before=bytes_before,
+        bytes_after=ir.proto_nbytes(result),
+        passes=records,
+        pass_deltas=deltas.deltas,
+        seconds=seconds,
+        rollbacks=verifier.rollbacks if verifier else [],
+    )
+    return result, report

@@ -1,0 +1,300 @@
+"""Passes, the pass registry, composition (Sequential, FixedPoint), analyses and instruments.
+
+The shape follows LLVM's new pass manager and TVM's `tvm.transform`: a pass is small and stateless,
+returns whether it changed the graph and which analyses it preserved, and everything around it
+(walking subgraphs, caching analyses, timing, stats, IR dumps, verification, rollback) belongs to
+the manager and its instruments, not to the pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_graphsurgeon as gs
+
+from graphopt import ir
+from graphopt.errors import GraphoptError
+
+# ---------------------------------------------------------------------------------------------
+# Passes
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    # Counters a pass wants reported, e.g. {"removed": 12}; summed over graphs and iterations.
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: PassResult) -> None:
+        self.changed |= other.changed
+        for key, value in other.stats.items():
+            self.stats[key] = self.stats.get(key, 0) + value
+
+
+class Pass:
+    """A graph transformation. Subclass, set the class attributes, implement `run`.
+
+    `run` is called once per graph of the model (the main graph, then every If/Loop/Scan body,
+    outer before inner) unless `subgraphs` is False. Inside a subgraph, a value from an outer scope
+    is an input the pass must treat as opaque unless it is a constant.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # The lowest -O level whose default pipeline includes this pass (documentation and `passes` listing).
+    opt_level: ClassVar[int] = 1
+    # Names of analyses still valid after this pass changed the graph.
+    preserves: ClassVar[frozenset[str]] = frozenset()
+    subgraphs: ClassVar[bool] = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by name to pipelines and to `--passes`."""
+    if not cls.name or not cls.description:
+        raise TypeError(f"{cls.__name__} needs a name and a one-line description")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"pass name '{cls.name}' is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    _load_pass_library()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def create_pass(name: str) -> Pass:
+    passes = registered_passes()
+    if name not in passes:
+        raise GraphoptError(f"unknown pass '{name}'; run 'graphopt passes' to list them")
+    return passes[name]()
+
+
+def _load_pass_library() -> None:
+    # Importing the library registers its passes; deferred so the core never imports passes eagerly.
+    import graphopt.passes  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition
+
+
+class Sequential:
+    """Run passes in order."""
+
+    def __init__(self, items: Sequence[Pass | Sequential | FixedPoint], name: str = "sequential"):
+        self.items = list(items)
+        self.name = name
+
+    def pass_names(self) -> list[str]:
+        return [n for item in self.items for n in _names(item)]
+
+
+class FixedPoint:
+    """Repeat a group of passes until none changes the model, at most `max_iterations` times."""
+
+    def __init__(self, items: Sequence[Pass | Sequential], max_iterations: int = 8, name: str = "fixed-point"):
+        self.items = list(items)
+        self.max_iterations = max_iterations
+        self.name = name
+
+    def pass_names(self) -> list[str]:
+        return [n for item in self.items for n in _names(item)]
+
+
+def _names(item) -> list[str]:
+    return [item.name] if isinstance(item, Pass) else item.pass_names()
+
+
+def filter_pipeline(item, disabled: set[str]):
+    """The pipeline without the passes named in `disabled`."""
+    if isinstance(item, Pass):
+        return None if item.name in disabled else item
+    kept = [x for x in (filter_pipeline(i, disabled) for i in item.items) if x is not None]
+    if isinstance(item, FixedPoint):
+        return FixedPoint(kept, item.max_iterations, item.name)
+    return Sequential(kept, item.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analyses
+
+AnalysisFn = Callable[[ir.Model, "PassContext"], Any]
+_ANALYSES: dict[str, AnalysisFn] = {}
+
+
+def register_analysis(name: str):
+    """Decorator: `fn(model, ctx) -> result` computed on demand, cached until a pass invalidates it."""
+
+    def wrap(fn: AnalysisFn) -> AnalysisFn:
+        _ANALYSES[name] = fn
+        return fn
+
+    return wrap
+
+
+class AnalysisManager:
+    def __init__(self):
+        self._cache: dict[str, Any] = {}
+
+    def get(self, name: str, model: ir.Model, ctx: PassContext) -> Any:
+        if name not in self._cache:
+            if name not in _ANALYSES:
+                _load_analyses()
+            if name not in _ANALYSES:
+                raise KeyError(f"unknown analysis '{name}'")
+            self._cache[name] = _ANALYSES[name](model, ctx)
+        return self._cache[name]
+
+    def invalidate(self, preserved: Iterable[str] = ()) -> None:
+        keep = set(preserved)
+        self._cache = {k: v for k, v in self._cache.items() if k in keep}
+
+
+def _load_analyses() -> None:
+    import graphopt.analysis.shapes  # noqa: F401
+    import graphopt.analysis.stats  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------------------
+# Context and instruments
+
+
+@dataclass
+class PassContext:
+    model: ir.Model
+    target: Any = None
+    opt_level: int = 2
+    options: dict[str, Any] = field(default_factory=dict)
+    calibration_data: Any = None
+    accuracy_budget: float | None = None
+    instruments: list[Instrument] = field(default_factory=list)
+    analyses: AnalysisManager = field(default_factory=AnalysisManager)
+    # The graph the running pass is looking at; `is_main_graph` tells passes whether its inputs
+    # and outputs are the model's (removable, renamable) or a subgraph's formal parameters.
+    graph: gs.Graph | None = None
+
+    def analysis(self, name: str) -> Any:
+        return self.analyses.get(name, self.model, self)
+
+    @property
+    def is_main_graph(self) -> bool:
+        return self.graph is None or self.graph is self.model.graph
+
+    @property
+    def opset(self) -> int:
+        return self.model.opset
+
+    def fresh_name(self, base: str) -> str:
+        allocator = self.options.get("_names")
+        if allocator is None:
+            allocator = self.options["_names"] = ir.NameAllocator(self.model)
+        return allocator(base)
+
+
+class Instrument:
+    """Hooks around every pass: timing, stats, IR dumps, verification. Override what you need."""
+
+    # True when the instrument needs the model as it was before the pass (e.g. to roll it back).
+    needs_snapshot: ClassVar[bool] = False
+
+    def before_pass(self, pass_: Pass, ctx: PassContext) -> None:
+        pass
+
+    def after_pass(self, pass_: Pass, ctx: PassContext, result: PassResult) -> str | None:
+        """Return a reason to reject the pass's change (the manager rolls the model back), else None."""
+        return None
+
+    def on_rollback(self, pass_: Pass, ctx: PassContext, reason: str) -> None:
+        pass
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float = 0.0
+    runs: int = 0
+    changed: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+    rolled_back: str | None = None
+
+
+class PassManager:
+    def __init__(self, pipeline: Sequential | FixedPoint | Pass):
+        self.pipeline = pipeline
+
+    def run(self, ctx: PassContext) -> list[PassRecord]:
+        records: dict[str, PassRecord] = {}
+        self._run_item(self.pipeline, ctx, records)
+        return list(records.values())
+
+    def _run_item(self, item, ctx: PassContext, records) -> bool:
+        if isinstance(item, Pass):
+            return self._run_pass(item, ctx, records)
+        if isinstance(item, Sequential):
+            changed = False
+            for sub in item.items:
+                changed |= self._run_item(sub, ctx, records)
+            return changed
+        changed_any = False
+        for _ in range(item.max_iterations):
+            changed = False
+            for sub in item.items:
+                changed |= self._run_item(sub, ctx, records)
+            changed_any |= changed
+            if not changed:
+                break
+        return changed_any
+
+    def _run_pass(self, pass_: Pass, ctx: PassContext, records) -> bool:
+        record = records.setdefault(pass_.name, PassRecord(pass_.name))
+        snapshot = None
+        if any(i.needs_snapshot for i in ctx.instruments):
+            snapshot = ir.to_proto(ctx.model)
+        for instrument in ctx.instruments:
+            instrument.before_pass(pass_, ctx)
+        start = time.perf_counter()
+        result = PassResult(False)
+        graphs = [ctx.model.graph]
+        # Breadth-first over graphs: subgraphs are collected after their parent ran, so a body a
+        # pass removed is never visited and a body it created is.
+        while graphs:
+            graph = graphs.pop(0)
+            ctx.graph = graph
+            result.merge(pass_.run(graph, ctx))
+            if pass_.subgraphs:
+                for node in graph.nodes:
+                    graphs.extend(ir.subgraphs_of(node))
+        ctx.graph = None
+        record.seconds += time.perf_counter() - start
+        record.runs += 1
+        if result.changed:
+            ctx.analyses.invalidate(pass_.preserves)
+        rejections = [r for r in (i.after_pass(pass_, ctx, result) for i in ctx.instruments) if r]
+        if rejections and snapshot is not None:
+            reason = "; ".join(rejections)
+            restored = ir.from_proto(snapshot)
+            ctx.model.graph = restored.graph
+            ctx.model.input_defaults = restored.input_defaults
+            ctx.analyses.invalidate()
+            record.rolled_back = reason
+            for instrument in ctx.instruments:
+                instrument.on_rollback(pass_, ctx, reason)
+            return False
+        if result.changed:
+            record.changed = True
+            for key, value in result.stats.items():
+                record.stats[key] = record.stats.get(key, 0) + value
+        return result.changed
