@@ -476,7 +476,8 @@ def _feeds_for(sess: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dic
     # Extra names are dropped rather than rejected: the same feed dict serves both models, and an
     # input with a default (initializer) may legitimately exist in one and not the other.
     feeds = {}
-    for i in sess.get_inputs():
+    # get_inputs() leaves out inputs with a default (initializer); a caller may still override them.
+    for i in list(sess.get_inputs()) + list(sess.get_overridable_initializers()):
         if i.name in inputs:
             feeds[i.name] = inputs[i.name]
     return feeds
