@@ -58,7 +58,7 @@ HEADLINE = ("resnet50", "bert_base")  # left out by --quick unless named in --mo
 REPO = Path(__file__).resolve().parent.parent
 
 out_console = Console(width=None if sys.stdout.isatty() else 160)
-log = Console(stderr=True, highlight=False)
+log = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,14 +314,18 @@ def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
     variants = {"original": src, **outputs}
     lat: dict[str, dict] = {v: {"rounds_ms": [], "error": None} for v in variants}
     order = list(variants)
-    log.print(f"  latency: {args.rounds} round(s) x {args.runs} runs, {args.threads} threads ...", end=" ")
+    # Fast models get more runs, so that a round lasts at least --min-round-s and timer noise averages out.
+    probe = verify.latency_ms(src, inputs, threads=args.threads, warmup=args.warmup, runs=5)
+    runs = max(args.runs, min(args.max_runs, math.ceil(args.min_round_s * 1e3 / max(probe, 1e-6))))
+    rec["latency_runs"] = runs
+    log.print(f"  latency: {args.rounds} round(s) x {runs} runs, {args.threads} threads ...", end=" ")
     for rnd in range(args.rounds):
         k = rnd % len(order)
         for v in order[k:] + order[:k]:
             if lat[v]["error"]:
                 continue
             try:
-                ms = verify.latency_ms(variants[v], inputs, threads=args.threads, warmup=args.warmup, runs=args.runs)
+                ms = verify.latency_ms(variants[v], inputs, threads=args.threads, warmup=args.warmup, runs=runs)
                 lat[v]["rounds_ms"].append(ms)
             except Exception as exc:  # noqa: BLE001
                 lat[v]["error"] = verify._first_line(exc)
@@ -354,12 +358,28 @@ def _escape(s: str) -> str:
 def _nodes_cell(rec: dict, tool: str) -> str:
     err = rec["optimizer"][tool].get("error") if tool in rec["optimizer"] else None
     if err:
-        return _fail(err, 40)
+        return "[red]failed[/red]"  # the reason is in the CLI time column
     n = rec["nodes"].get(tool)
     if n is None:
         return "-"
     n0 = rec["nodes"]["original"]
     return f"{n} ({(n - n0) / n0 * 100:+.0f}%)" if n0 else str(n)
+
+
+def _secs(s: float) -> str:
+    if s < 0.01:
+        return f"{s * 1e3:.1f} ms"
+    if s < 1:
+        return f"{s * 1e3:.0f} ms"
+    return f"{s:.2f} s"
+
+
+def _ms(ms: float) -> str:
+    if ms < 1:
+        return f"{ms * 1e3:.1f} µs"
+    if ms < 100:
+        return f"{ms:.2f} ms"
+    return f"{ms:.1f} ms"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -376,16 +396,18 @@ def _time_cell(rec: dict, tool: str) -> str:
     if s is None:
         return "-"
     if tool == "graphopt":
-        return f"{s:.2f} s"
+        return _secs(s)
     g = rec["optimizer"]["graphopt"].get("seconds") if not rec["optimizer"]["graphopt"].get("error") else None
-    return f"{s:.2f} s ({_ratio(s, g)})"
+    return f"{_secs(s)} ({_ratio(s, g)})"
 
 
 def _structure_table(records: list[dict], args: argparse.Namespace) -> Table:
     t = Table(
-        title=f"structure and optimizer time (graphopt -O{args.opt_level} --target {args.target}; "
-        f"CLI wall time, median of {args.repeat}; (x) = peer time / graphopt time, >1 = graphopt faster)",
+        title=f"structure and optimizer time (graphopt -O{args.opt_level}, target {args.target})",
         title_justify="left",
+        caption=f"CLI = whole process wall time, median of {args.repeat}; (x) = peer time / graphopt time, >1 = graphopt faster. "
+        "in-process = graphopt Report.seconds (pass pipeline only). max abs err: graphopt output vs original, all outputs.",
+        caption_justify="left",
     )
     t.add_column("model", no_wrap=True)
     t.add_column("nodes\noriginal", justify="right")
@@ -402,14 +424,14 @@ def _structure_table(records: list[dict], args: argparse.Namespace) -> Table:
             t.add_row(rec["model"], _fail(rec["error"]), *[""] * 8)
             continue
         ip = rec["graphopt_in_process"]
-        ip_cell = f"{ip['seconds']:.2f} s" if ip["seconds"] is not None else _fail(ip["error"] or "crashed", 30)
+        ip_cell = _secs(ip["seconds"]) if ip["seconds"] is not None else _fail(ip["error"] or "crashed", 30)
         fid = rec["fidelity"].get("graphopt")
         if fid is None:
             fid_cell = "-"
         elif "error" in fid:
             fid_cell = _fail(fid["error"], 30)
         else:
-            fid_cell = f"{fid['max_abs_error']:.2g} " + ("[green]ok[/green]" if fid["ok"] else "[red]MISMATCH[/red]")
+            fid_cell = f"{fid['max_abs_error']:.1e} " + ("[green]ok[/green]" if fid["ok"] else "[red]MISMATCH[/red]")
         t.add_row(
             rec["model"],
             str(rec["nodes"]["original"]),
@@ -427,9 +449,11 @@ def _structure_table(records: list[dict], args: argparse.Namespace) -> Table:
 
 def _latency_table(records: list[dict], args: argparse.Namespace) -> Table:
     t = Table(
-        title=f"onnxruntime {ort.__version__} latency (CPU, ORT_ENABLE_ALL, {args.threads} intra-op threads, batch 1; "
-        f"median of {args.rounds} round(s) x {args.runs} runs; (x) = original / that, >1 = faster)",
+        title=f"onnxruntime {ort.__version__} latency (CPU, ORT_ENABLE_ALL, {args.threads} intra-op threads, batch 1)",
         title_justify="left",
+        caption=f"median of {args.rounds} round(s) (order rotating), each the median of >= {args.runs} runs "
+        f"(more for fast models: >= {args.min_round_s:g} s a round); (x) = original / that, >1 = faster than the original.",
+        caption_justify="left",
     )
     t.add_column("model", no_wrap=True)
     for col in ("original", "graphopt (x)", "onnxsim (x)", "onnxslim (x)"):
@@ -440,7 +464,7 @@ def _latency_table(records: list[dict], args: argparse.Namespace) -> Table:
             continue
         lat = rec["latency"]
         base = lat["original"]["ms"]
-        cells = [f"{base:.2f} ms" if base is not None else _fail(lat["original"]["error"] or "?")]
+        cells = [_ms(base) if base is not None else _fail(lat["original"]["error"] or "?")]
         for tool in TOOLS:
             err = rec["optimizer"][tool].get("error")
             if err:
@@ -451,7 +475,7 @@ def _latency_table(records: list[dict], args: argparse.Namespace) -> Table:
                 cells.append(_fail("onnxruntime: " + lat[tool]["error"], 40))
             else:
                 ms = lat[tool]["ms"]
-                cells.append(f"{ms:.2f} ms ({_ratio(base, ms)})")
+                cells.append(f"{_ms(ms)} ({_ratio(base, ms)})")
         t.add_row(rec["model"], *cells)
     return t
 
@@ -463,8 +487,10 @@ def _latency_table(records: list[dict], args: argparse.Namespace) -> Table:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", help=f"comma-separated zoo models (default: all: {', '.join(models.available())})")
-    p.add_argument("--runs", type=int, help="onnxruntime runs per latency round (default 30; --quick 10)")
+    p.add_argument("--runs", type=int, help="onnxruntime runs per latency round, at least (default 30; --quick 10)")
     p.add_argument("--rounds", type=int, help="latency rounds, order rotating; median of round medians (default 3; --quick 1)")
+    p.add_argument("--min-round-s", type=float, default=None, help="fast models get more runs so a latency round lasts this long (default 1; --quick 0.2)")
+    p.add_argument("--max-runs", type=int, default=20000, help="cap on runs per latency round (default 20000)")
     p.add_argument("--warmup", type=int, default=3, help="untimed onnxruntime runs before each round (default 3)")
     p.add_argument("--repeat", type=int, help="runs of each optimizer CLI (and of the in-process optimizer); median (default 3; --quick 1)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
@@ -478,6 +504,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     a.runs = a.runs if a.runs is not None else (10 if a.quick else 30)
     a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
     a.repeat = a.repeat if a.repeat is not None else (1 if a.quick else 3)
+    a.min_round_s = a.min_round_s if a.min_round_s is not None else (0.2 if a.quick else 1.0)
     for flag in ("runs", "rounds", "repeat", "threads"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag} must be at least 1")
@@ -516,6 +543,8 @@ def _environment(args: argparse.Namespace) -> dict:
             "runs": args.runs,
             "rounds": args.rounds,
             "warmup": args.warmup,
+            "min_round_s": args.min_round_s,
+            "max_runs": args.max_runs,
             "threads": args.threads,
             "timeout_s": args.timeout,
             "quick": args.quick,

@@ -114,7 +114,6 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
         raise GraphoptError(f"cannot write {out}: folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise GraphoptError(f"cannot write {out}: folder {out.parent} is not writable")
-    large = ir.proto_nbytes(proto) > ir.PROTOBUF_LIMIT_BYTES
     # The reference for verification: the file itself when there is one, else an in-memory copy.
     reference = path if path is not None else _copy(proto)
     inputs = None
@@ -138,21 +137,28 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
             source=model,
             reference=reference,
         )
-    if verify and not large:
+    def check_fidelity(staged: Path) -> None:
+        # Verification reads the staged file, so onnxruntime needs no serialized copy of the model,
+        # and a failure abandons the write: nothing is left at the output path.
+        if not verify:
+            return
         with console.status("verifying against the original in onnxruntime", spinner="dots"):
             report.fidelity = verify_mod.compare(
-                verify_mod.run(reference, inputs), verify_mod.run(result, inputs), rtol=rtol, atol=atol
+                verify_mod.run(reference, inputs), verify_mod.run(str(staged), inputs), rtol=rtol, atol=atol
             )
-    _print_report(report)
-    if report_path:
-        _write_json(Path(report_path), report.to_dict())
-    if report.fidelity is not None and not report.fidelity.ok:
-        worst = report.fidelity.worst()
-        raise VerificationError(
-            f"optimized model differs from the original: output '{worst.name}' max abs error {worst.max_abs_error:.3g} "
-            f"(rtol {rtol}, atol {atol}); nothing written"
-        )
-    ir.save(result, out)
+        if not report.fidelity.ok:
+            worst = report.fidelity.worst()
+            raise VerificationError(
+                f"optimized model differs from the original: output '{worst.name}' max abs error "
+                f"{worst.max_abs_error:.3g} (rtol {rtol}, atol {atol}); nothing written"
+            )
+
+    try:
+        ir.save(result, out, validate=check_fidelity)
+    finally:
+        _print_report(report)
+        if report_path:
+            _write_json(Path(report_path), report.to_dict())
     console.print(f"wrote [bold]{out}[/bold]")
 
 
@@ -194,7 +200,7 @@ def _print_report(report) -> None:
     table.add_row("parameters", _human(b.parameters), _human(a.parameters), _change(b.parameters, a.parameters))
     flops_note = "" if a.flops_exact else " (lower bound)"
     table.add_row("FLOPs", _human(b.flops), _human(a.flops) + flops_note, _change(b.flops, a.flops))
-    table.add_row("file size", _bytes(report.bytes_before), _bytes(report.bytes_after), _change(report.bytes_before, report.bytes_after))
+    table.add_row("model size", _bytes(report.bytes_before), _bytes(report.bytes_after), _change(report.bytes_before, report.bytes_after))
     console.print(table)
 
     passes = Table(title="passes", title_justify="left")
@@ -237,7 +243,7 @@ def inspect(model, as_json):
     from graphopt.optimize import resolve_source
 
     proto, _ = resolve_source(model)
-    size = ir.proto_nbytes(proto)
+    size = ir.approx_nbytes(proto)
     m = ir.from_proto(proto)
     infer_shapes(m)
     stats = model_stats(m)

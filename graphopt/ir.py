@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +107,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise GraphoptError(f"{path}: not an ONNX model (no graph or IR version in the file)")
     _load_external_data(proto, path.parent)
-    check(proto, path)
+    check(None, path)
     return proto
 
 
@@ -142,14 +142,17 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
         raise GraphoptError(f"cannot read external data: {_first_line(exc)}") from None
 
 
-def check(proto: onnx.ModelProto, path: Path | None = None) -> None:
-    """onnx.checker on a model of any size; a failure is a GraphoptError naming the problem."""
+def check(proto: onnx.ModelProto | None, path: Path | None = None) -> None:
+    """onnx.checker on a model of any size; a failure is a GraphoptError naming the problem.
+
+    With a path the checker reads the file itself, which costs no serialized copy of the weights.
+    """
     try:
-        if path is not None and proto_nbytes(proto) > PROTOBUF_LIMIT_BYTES:
+        if path is not None:
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         where = f"{path}: " if path is not None else ""
         raise GraphoptError(f"{where}model fails onnx.checker: {_first_line(exc)}") from None
 
@@ -159,8 +162,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def proto_nbytes(proto: onnx.ModelProto) -> int:
-    return proto.ByteSize()
+def approx_nbytes(proto: onnx.ModelProto) -> int:
+    """Serialized size, estimated from tensor shapes (exact ByteSize() costs a pass over every byte)."""
+    total = 0
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 1
+        total += count * itemsize + 64
+    return total + 128 * sum(1 for _ in _all_nodes(proto.graph))
 
 
 def from_proto(proto: onnx.ModelProto, *, fold_input_defaults: bool = False) -> Model:
@@ -249,12 +261,20 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from _all_nodes(sub)
 
 
-def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
-    """Write a model atomically: to a temporary file in the target folder, then rename.
+def save(
+    model: Model | onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    validate: Callable[[Path], None] | None = None,
+) -> int:
+    """Write a model atomically and return its size in bytes (model file plus external data).
 
-    With external_data=None, weights go to `<name>.data` beside the model only when the model would
-    not fit in one protobuf (2 GiB). Note: saving with external data moves tensor bytes out of the
-    in-memory proto, so save last.
+    The model goes to a temporary folder beside `path`, is checked there with onnx.checker (and by
+    `validate(tmp_path)`, which may raise to abandon the write), and only then renamed into place.
+    With external_data=None, weights go to `<name>.data` when the model would not fit in one
+    protobuf (2 GiB). Saving with external data moves tensor bytes out of the in-memory proto, so
+    save last.
     """
     proto = to_proto(model) if isinstance(model, Model) else model
     path = Path(path)
@@ -262,14 +282,14 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
     if not out_dir.is_dir():
         raise GraphoptError(f"cannot write {path}: folder {out_dir} does not exist")
     if external_data is None:
-        external_data = proto_nbytes(proto) > PROTOBUF_LIMIT_BYTES
+        external_data = approx_nbytes(proto) > PROTOBUF_LIMIT_BYTES
     data_name = path.name + ".data"
     try:
-        tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=out_dir)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=out_dir))
     except OSError as exc:
         raise GraphoptError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
-        tmp_model = Path(tmp_dir) / path.name
+        tmp_model = tmp_dir / path.name
         if external_data:
             onnx.save_model(
                 proto,
@@ -279,20 +299,29 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
                 location=data_name,
                 size_threshold=EXTERNAL_DATA_MIN_BYTES,
             )
-            os.replace(Path(tmp_dir) / data_name, out_dir / data_name)
         else:
             with open(tmp_model, "wb") as f:
                 f.write(proto.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+        try:
+            check(None, tmp_model)
+        except GraphoptError as exc:
+            raise GraphoptError(f"refusing to write an invalid model (a graphopt bug): {exc}") from None
+        if validate is not None:
+            validate(tmp_model)
+        size = sum(p.stat().st_size for p in tmp_dir.iterdir())
+        if external_data:
+            os.replace(tmp_dir / data_name, out_dir / data_name)
         os.replace(tmp_model, path)
+        return size
     except OSError as exc:
         raise GraphoptError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(OSError):
-            for leftover in Path(tmp_dir).iterdir():
+            for leftover in tmp_dir.iterdir():
                 leftover.unlink()
-            os.rmdir(tmp_dir)
+            tmp_dir.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,16 +363,19 @@ def is_constant(tensor: gs.Tensor | None) -> bool:
     return node is not None and node.op == "Constant" and constant_value(tensor) is not None
 
 
-def constant_fingerprint(tensor: gs.Constant) -> tuple:
-    """A key equal for two constants exactly when dtype, shape and bytes are equal."""
+def constant_bytes(tensor: gs.Constant) -> bytes:
+    """The raw little-endian bytes of a constant, without caching a numpy copy on the tensor."""
     if isinstance(tensor._values, LazyValues):
         proto = tensor._values.tensor
-        data = proto.raw_data if proto.HasField("raw_data") else onnx.numpy_helper.to_array(proto).tobytes()
-        dtype = proto.data_type
-    else:
-        data = np.ascontiguousarray(tensor.values).tobytes()
-        dtype = tensor.values.dtype.str
-    return (dtype, tuple(tensor.shape), hashlib.blake2b(data, digest_size=16).digest())
+        if proto.HasField("raw_data"):
+            return proto.raw_data
+    return np.ascontiguousarray(constant_value(tensor)).tobytes()
+
+
+def constant_fingerprint(tensor: gs.Constant) -> tuple:
+    """A key equal for two constants exactly when dtype, shape and bytes are equal."""
+    data = constant_bytes(tensor)
+    return (str(tensor.dtype), tuple(tensor.shape), hashlib.blake2b(data, digest_size=16).digest())
 
 
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:

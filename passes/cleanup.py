@@ -278,20 +278,35 @@ class CommonSubexpressionElimination(Pass):
 
     @staticmethod
     def _merge_constants(graph: gs.Graph) -> int:
-        canonical: dict[tuple, gs.Constant] = {}
-        keys: dict[int, tuple] = {}
-        merged = 0
+        """Point every use of a constant at the first constant with equal dtype, shape and bytes.
+
+        Hashing every weight's bytes is the costly part, so a constant is hashed only when another
+        one shares its dtype, shape and first bytes.
+        """
+        uses: list[tuple[gs.Node, int, gs.Constant]] = []
+        by_layout: dict[tuple, list[gs.Constant]] = {}
+        seen: set[int] = set()
         for node in graph.nodes:
             for i, tensor in enumerate(node.inputs):
-                if not isinstance(tensor, gs.Constant):
-                    continue
-                key = keys.get(id(tensor))
-                if key is None:
-                    key = keys[id(tensor)] = ir.constant_fingerprint(tensor)
-                first = canonical.setdefault(key, tensor)
-                if first is not tensor:
-                    node.inputs[i] = first
-                    merged += 1
+                if isinstance(tensor, gs.Constant):
+                    uses.append((node, i, tensor))
+                    if id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        prefix = ir.constant_bytes(tensor)[:64]
+                        by_layout.setdefault((str(tensor.dtype), tuple(tensor.shape), prefix), []).append(tensor)
+        canonical_of: dict[int, gs.Constant] = {}
+        for group in by_layout.values():
+            if len(group) < 2:
+                continue
+            first_with: dict[tuple, gs.Constant] = {}
+            for tensor in group:
+                canonical_of[id(tensor)] = first_with.setdefault(ir.constant_fingerprint(tensor), tensor)
+        merged = 0
+        for node, i, tensor in uses:
+            canonical = canonical_of.get(id(tensor), tensor)
+            if canonical is not tensor:
+                node.inputs[i] = canonical
+                merged += 1
         return merged
 
 

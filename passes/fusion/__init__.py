@@ -1,0 +1,3 @@
+"""Fusion passes: replace multi-node patterns by the single op a runtime implements directly."""
+
+from graphopt.passes.fusion import layer_norm  # noqa: F401
