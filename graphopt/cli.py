@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from graphopt.errors import EXIT_BAD_INPUT, EXIT_VERIFICATION_FAILED, GraphoptError, VerificationError
@@ -53,7 +54,7 @@ class _Group(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            exc.show()
+            err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(EXIT_BAD_INPUT)
         except click.Abort:
             err_console.print("aborted")
@@ -61,14 +62,15 @@ class _Group(click.Group):
         except GraphoptError as exc:
             if debug:
                 raise
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - a bug, still reported in one line unless --debug
             if debug:
                 raise
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             err_console.print(
-                f"[red]internal error:[/red] {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
+                f"internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
+                markup=False,
                 highlight=False,
                 soft_wrap=True,
             )
@@ -105,11 +107,20 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
     from graphopt.optimize import optimize, resolve_source
 
     targets.get(target)  # fail fast on an unknown target, before any model work
-    proto, path = resolve_source(model)
+    input_files: set[Path] = set()
+    proto, path = resolve_source(model, input_files)
     name = Path(path).name if path else model[4:] + ".onnx"
     out = Path(output) if output else Path(Path(name).stem + ".opt.onnx")
-    if path is not None and out.resolve() == Path(path).resolve():
-        raise GraphoptError(f"output {out} is the input file; choose another -o so the input stays intact")
+    written = {"output": out, "output's external data": out.with_name(out.name + ".data")}
+    if report_path:
+        written["report"] = Path(report_path)
+    for role, candidate in written.items():
+        if candidate.resolve() in input_files:
+            raise GraphoptError(f"{role} {candidate} is a file of the input model; choose another path so the input stays intact")
+    if report_path and Path(report_path).resolve() == out.resolve():
+        raise GraphoptError(f"report {report_path} and output {out} are the same file")
+    if out.is_dir():
+        raise GraphoptError(f"cannot write {out}: it is a directory")
     if not out.parent.is_dir():
         raise GraphoptError(f"cannot write {out}: folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
@@ -118,7 +129,8 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
     reference = path if path is not None else _copy(proto)
     inputs = None
     if verify or verify_each:
-        inputs = verify_mod.load_inputs(inputs_path, reference) if inputs_path else verify_mod.make_inputs(reference)
+        # From the proto in memory: reading the file again would load every weight twice.
+        inputs = verify_mod.load_inputs(inputs_path, proto) if inputs_path else verify_mod.make_inputs(proto)
     options = {}
     if fold_size_limit is not None:
         options["fold_size_limit"] = fold_size_limit
@@ -155,11 +167,17 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
 
     try:
         ir.save(result, out, validate=check_fidelity)
-    finally:
-        _print_report(report)
-        if report_path:
-            _write_json(Path(report_path), report.to_dict())
-    console.print(f"wrote [bold]{out}[/bold]")
+    except VerificationError:
+        _finish_report(report, report_path)
+        raise
+    _finish_report(report, report_path)
+    console.print(f"wrote [bold]{escape(str(out))}[/bold]")
+
+
+def _finish_report(report, report_path) -> None:
+    _print_report(report)
+    if report_path:
+        _write_json(Path(report_path), report.to_dict())
 
 
 def _copy(proto):
@@ -181,6 +199,10 @@ def _write_json(path: Path, data: dict) -> None:
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
     try:
+        # mkstemp makes the file private (0600); a report is an ordinary file, so honour the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
         os.replace(tmp, path)
@@ -191,7 +213,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _print_report(report) -> None:
     b, a = report.before, report.after
-    table = Table(title=f"{report.source} -> {report.target} (-O{report.opt_level})", title_justify="left")
+    table = Table(title=f"{escape(report.source)} -> {report.target} (-O{report.opt_level})", title_justify="left")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -210,12 +232,12 @@ def _print_report(report) -> None:
         delta = report.pass_deltas.get(record.name, {})
         did = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in record.stats.items() if v) or "-"
         if record.rolled_back:
-            did = f"[yellow]rolled back: {record.rolled_back}[/yellow]"
+            did = f"[yellow]rolled back: {escape(record.rolled_back)}[/yellow]"
         passes.add_row(record.name, str(record.runs), f"{record.seconds * 1000:.1f} ms", f"{delta.get('nodes', 0):+d}", did)
     console.print(passes)
     console.print(f"optimizer time: {report.seconds:.2f} s")
     for name, reason in report.rollbacks:
-        err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {reason}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)
     if report.fidelity is not None:
         _print_fidelity(report.fidelity)
 
@@ -226,8 +248,8 @@ def _print_fidelity(fidelity) -> None:
         table.add_column(col, justify="left" if col == "output" else "right")
     for o in fidelity.outputs:
         top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement * 100:.1f}%"
-        ok = "[green]yes[/green]" if o.within_tolerance else f"[red]no[/red] {o.note or ''}"
-        table.add_row(o.name, f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}", f"{o.cosine_similarity:.6f}", top1, ok)
+        ok = "[green]yes[/green]" if o.within_tolerance else f"[red]no[/red] {escape(o.note or '')}"
+        table.add_row(escape(o.name), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}", f"{o.cosine_similarity:.6f}", top1, ok)
     console.print(table)
 
 
@@ -262,19 +284,19 @@ def inspect(model, as_json):
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    console.print(f"[bold]{model}[/bold]  IR {m.ir_version}, opsets {m.opset_imports}, {data['producer'] or 'unknown producer'}, {_bytes(size)}")
+    console.print(f"[bold]{escape(model)}[/bold]  IR {m.ir_version}, opsets {m.opset_imports}, {data['producer'] or 'unknown producer'}, {_bytes(size)}")
     io = Table(title="inputs and outputs", title_justify="left")
     for col in ("", "name", "type", "shape"):
         io.add_column(col)
     for kind, items in (("input", data["inputs"]), ("output", data["outputs"])):
         for item in items:
-            io.add_row(kind, item["name"], item["dtype"], item["shape"])
+            io.add_row(kind, escape(item["name"]), item["dtype"], escape(item["shape"]))
     console.print(io)
-    ops = Table(title=f"{stats.nodes} nodes, {_human(stats.parameters)} parameters, {_human(stats.flops)}FLOPs", title_justify="left")
+    ops = Table(title=f"{stats.nodes} nodes, {_human(stats.parameters)} parameters, {_human(stats.flops)} FLOPs", title_justify="left")
     for col in ("op", "count", "FLOPs", "bytes"):
         ops.add_column(col, justify="left" if col == "op" else "right")
     for op, v in data["ops"].items():
-        ops.add_row(op, str(v["count"]), _human(v["flops"]), _bytes(v["bytes"]))
+        ops.add_row(escape(op), str(v["count"]), _human(v["flops"]), _bytes(v["bytes"]))
     console.print(ops)
 
 
@@ -298,7 +320,7 @@ def list_passes():
         table.add_column(col)
     for name, cls in registered_passes().items():
         first = next((f"-O{lvl}" for lvl in OPT_LEVELS if name in levels[lvl]), "opt-in")
-        table.add_row(name, first, cls.description)
+        table.add_row(name, first, escape(cls.description))
     console.print(table)
 
 
@@ -324,7 +346,7 @@ def list_zoo():
     table.add_column("name")
     table.add_column("description")
     for name in models.available():
-        table.add_row(f"zoo:{name}", models.describe(name))
+        table.add_row(f"zoo:{name}", escape(models.describe(name)))
     console.print(table)
 
 
@@ -354,8 +376,8 @@ def compare(model_a, model_b, inputs_path, threads, runs, rtol, atol):
     table = Table(title=f"onnxruntime latency (median of {runs}, {threads} threads)", title_justify="left")
     for col in ("model", "nodes", "latency", "vs A"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row(model_a, str(len(a.graph.node)), f"{lat_a:.2f} ms", "1.00x")
-    table.add_row(model_b, str(len(b.graph.node)), f"{lat_b:.2f} ms", f"{lat_a / lat_b:.2f}x faster" if lat_b else "-")
+    table.add_row(escape(model_a), str(len(a.graph.node)), f"{lat_a:.2f} ms", "1.00x")
+    table.add_row(escape(model_b), str(len(b.graph.node)), f"{lat_b:.2f} ms", f"{lat_a / lat_b:.2f}x faster" if lat_b else "-")
     console.print(table)
     if not fidelity.ok:
         sys.exit(EXIT_VERIFICATION_FAILED)

@@ -22,3 +22,11 @@ class VerificationError(GraphoptError):
     """The optimized model no longer computes what the original did."""
 
     exit_code = EXIT_VERIFICATION_FAILED
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception's message folded onto one line (tools like onnx.checker spread it over several)."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, one_line
 
 # Protobuf cannot serialize a message of 2 GiB or more, so bigger models must keep weights outside.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -92,7 +92,12 @@ def load(path: str | os.PathLike, *, fold_input_defaults: bool = False) -> Model
     return from_proto(proto, fold_input_defaults=fold_input_defaults)
 
 
-def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+def load_proto(path: str | os.PathLike, *, files: set[Path] | None = None) -> onnx.ModelProto:
+    """Read, bounds-check and onnx.checker a model file with its external data.
+
+    `files`, when given, receives the resolved paths of every file the model consists of, so a
+    caller can refuse to overwrite any of them.
+    """
     path = Path(path)
     if not path.exists():
         raise GraphoptError(f"{path}: no such file")
@@ -103,11 +108,13 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise GraphoptError(f"{path}: not a valid ONNX model (protobuf parse failed: {_first_line(exc)})") from None
+        raise GraphoptError(f"{path}: not a valid ONNX model (protobuf parse failed: {one_line(exc)})") from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise GraphoptError(f"{path}: not an ONNX model (no graph or IR version in the file)")
-    _load_external_data(proto, path.parent)
+    data_files = _load_external_data(proto, path.parent)
     check(None, path)
+    if files is not None:
+        files.update(data_files | {path.resolve()})
     return proto
 
 
@@ -117,8 +124,9 @@ def _external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield tensor
 
 
-def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> set[Path]:
     base = base_dir.resolve()
+    files: set[Path] = set()
     for tensor in _external_tensors(proto):
         info = onnx.external_data_helper.ExternalDataInfo(tensor)
         location = Path(info.location)
@@ -130,6 +138,7 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
             )
         if not target.is_file():
             raise GraphoptError(f"external data file '{info.location}' of tensor '{tensor.name}' is missing")
+        files.add(target)
         size = target.stat().st_size
         end = (info.offset or 0) + (info.length or 0)
         if end > size:
@@ -139,7 +148,8 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
     try:
         onnx.load_external_data_for_model(proto, str(base))
     except (OSError, ValueError) as exc:
-        raise GraphoptError(f"cannot read external data: {_first_line(exc)}") from None
+        raise GraphoptError(f"cannot read external data: {one_line(exc)}") from None
+    return files
 
 
 def check(proto: onnx.ModelProto | None, path: Path | None = None) -> None:
@@ -154,12 +164,9 @@ def check(proto: onnx.ModelProto | None, path: Path | None = None) -> None:
             onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         where = f"{path}: " if path is not None else ""
-        raise GraphoptError(f"{where}model fails onnx.checker: {_first_line(exc)}") from None
+        raise GraphoptError(f"{where}model fails onnx.checker: {one_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def approx_nbytes(proto: onnx.ModelProto) -> int:

@@ -56,13 +56,16 @@ class Report:
         }
 
 
-def resolve_source(spec: str) -> tuple[onnx.ModelProto, str | None]:
-    """A model from `zoo:NAME` or a file path; returns the proto and the file path (None for zoo)."""
+def resolve_source(spec: str, files: set | None = None) -> tuple[onnx.ModelProto, str | None]:
+    """A model from `zoo:NAME` or a file path; returns the proto and the file path (None for zoo).
+
+    `files` receives the paths of the files a model on disk consists of (see ir.load_proto).
+    """
     if spec.startswith("zoo:"):
         from graphopt import models
 
         return models.load(spec[4:]), None
-    return ir.load_proto(spec), spec
+    return ir.load_proto(spec, files=files), spec
 
 
 def optimize(

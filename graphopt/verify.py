@@ -32,10 +32,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, one_line
 
-# Protobuf cannot serialize a message over 2 GiB, so such a model can only reach ORT as a file.
-PROTOBUF_LIMIT_BYTES = 2**31 - 1
+from graphopt.ir import PROTOBUF_LIMIT_BYTES, approx_nbytes  # a model over the limit reaches ORT only as a file
+
+# onnxruntime's own logger prints errors (coloured, multi-line) before raising them to us; the
+# exception carries the same text, which we report in one line.
+ort.set_default_logger_severity(4)
 
 # Size given to a symbolic or unknown dim that is neither named in dim_values nor batch-like.
 # Small, so that generated inputs stay cheap, but above 1 so that broadcasting mistakes (a pass that
@@ -154,7 +157,7 @@ def _as_proto(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
         # bytes live in external data, so the (possibly huge) weights are not read.
         return onnx.load_model(path, load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
-        raise GraphoptError(f"{path}: cannot load ONNX model: {_first_line(exc)}") from None
+        raise GraphoptError(f"{path}: cannot load ONNX model: {one_line(exc)}") from None
 
 
 def _real_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
@@ -230,7 +233,7 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     shapes: dict[str, tuple[int | None, ...]] = {}
     try:
         # Inference serializes the model; over the protobuf limit it cannot, so rely on initializers.
-        if model.ByteSize() > PROTOBUF_LIMIT_BYTES:
+        if approx_nbytes(model) > PROTOBUF_LIMIT_BYTES:
             raise ValueError("too large for shape inference")
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
@@ -405,14 +408,14 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto | str | None = N
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise GraphoptError(f"{path}: cannot read inputs: {_first_line(exc)}") from None
+        raise GraphoptError(f"{path}: cannot read inputs: {one_line(exc)}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise GraphoptError(f"{path}: not a .npz archive (save inputs with numpy.savez, one array per input name)")
     try:
         with loaded as npz:
             arrays = {k: npz[k] for k in npz.files}
     except Exception as exc:
-        raise GraphoptError(f"{path}: cannot read inputs: {_first_line(exc)}") from None
+        raise GraphoptError(f"{path}: cannot read inputs: {one_line(exc)}") from None
     if model is None:
         return arrays
 
@@ -445,9 +448,6 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto | str | None = N
 # Running
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _session(model: onnx.ModelProto | str | os.PathLike, threads: int, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
@@ -455,9 +455,10 @@ def _session(model: onnx.ModelProto | str | os.PathLike, threads: int, level: or
     so.graph_optimization_level = level
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # warnings about unused initializers etc. are noise in a report
+    # ORT would print its own (multi-line, coloured) errors before raising them; we report them once.
+    so.log_severity_level = 4
     if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() > PROTOBUF_LIMIT_BYTES:
+        if approx_nbytes(model) > PROTOBUF_LIMIT_BYTES:
             raise GraphoptError(
                 "model is over 2 GiB and cannot be passed to onnxruntime in memory; save it with external data and pass its path"
             )
@@ -469,7 +470,7 @@ def _session(model: onnx.ModelProto | str | os.PathLike, threads: int, level: or
     try:
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types, all worth one line
-        raise GraphoptError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        raise GraphoptError(f"onnxruntime cannot load the model: {one_line(exc)}") from None
 
 
 def _feeds_for(sess: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -487,7 +488,7 @@ def _run_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> li
     try:
         return sess.run(None, feeds)
     except Exception as exc:
-        raise GraphoptError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
+        raise GraphoptError(f"onnxruntime failed to run the model: {one_line(exc)}") from None
 
 
 def run(

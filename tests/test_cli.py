@@ -103,8 +103,10 @@ def test_run_bert_tiny_summary_text(bert_run):
     proc, out, report_path = bert_run
     _assert_ok(proc)
     text = proc.stdout
-    for word in ("nodes", "FLOPs", "file size", "parameters"):
+    for word in ("nodes", "FLOPs", "parameters"):
         assert word in text, f"{word!r} missing from the summary:\n{text}"
+    # The size row was labelled "file size" at first and is "model size" since sizes are estimated.
+    assert "file size" in text or "model size" in text, f"no size row in the summary:\n{text}"
     for name in _pass_names(_report(report_path)):
         assert name in text, f"pass {name!r} missing from the summary:\n{text}"
     assert "wrote" in text and "out.onnx" in text
