@@ -284,7 +284,9 @@ def test_passes_lists_every_registered_pass(cli):
     proc = cli("passes")
     _assert_ok(proc)
     listed = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("│") and line.split()[1] != "│"}
-    assert set(registered_passes()) <= listed, proc.stdout
+    # Passes registered by other test modules in this process ("test-...") do not exist in the CLI's.
+    library = {name for name in registered_passes() if not name.startswith("test-")}
+    assert library <= listed, proc.stdout
 
 
 def test_targets(cli):
