@@ -13,10 +13,12 @@ For each model, in one run:
   the median wall time (time.perf_counter around the process, start-up and file I/O included);
 * graphopt's in-process optimizer time (Report.seconds: the pass pipeline only, no load/save) is
   taken from `graphopt.optimize.optimize` on a fresh copy of the model, median of --repeat;
-* onnxruntime latency of the original and of each tool's output is `graphopt.verify.latency_ms`
-  (CPU provider, ORT_ENABLE_ALL as deployed, --threads intra-op threads, batch 1, inputs from
-  `verify.make_inputs`): --rounds rounds, the order of the four models rotating each round, each
-  round the median of --runs runs; the figure is the median of the round medians;
+* onnxruntime latency of the original and of each tool's output: sessions configured like
+  `graphopt.verify.latency_ms` (CPU provider, ORT_ENABLE_ALL as deployed, --threads intra-op threads,
+  one inter-op thread), batch 1, inputs from `verify.make_inputs`; the four models are timed
+  interleaved run by run (at least --runs runs each, more for fast models), so that the machine
+  slowing down or speeding up mid-way hits all four alike; the figure is the median, the ratio the
+  median of the paired original/that ratios;
 * fidelity: every output runs in onnxruntime with ORT's optimizer off (`verify.run`) on the same
   inputs as the original; the table shows graphopt's largest max-abs-error over all outputs.
 
@@ -33,6 +35,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -166,15 +169,66 @@ def _version(module: str) -> str | None:
         return None
 
 
+class _OthersCPU:
+    """How busy the machine was with work not ours during a measurement: (all CPU time spent, from
+    /proc/stat, minus this process's and its reaped children's) / (wall time x CPUs). A figure well
+    above 0 means something else was running and the timings taken meanwhile are suspect."""
+
+    def __init__(self) -> None:
+        self.start = self._snap()
+
+    @staticmethod
+    def _snap() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+        t = os.times()
+        return busy, t.user + t.system + t.children_user + t.children_system, time.monotonic()
+
+    def fraction(self) -> float | None:
+        end = self._snap()
+        if self.start is None or end is None or end[2] - self.start[2] <= 0:
+            return None
+        others = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, others / ((end[2] - self.start[2]) * (os.cpu_count() or 1)))
+
+
+def _wait_quiet(limit_s: float, threshold: float = 0.10) -> float | None:
+    """Wait (up to limit_s) until other work takes under `threshold` of the machine over a 1 s look.
+    Returns how long it waited, or None when it gave up."""
+    if limit_s <= 0:
+        return 0.0
+    t0 = time.monotonic()
+    announced = False
+    while True:
+        probe = _OthersCPU()
+        time.sleep(1.0)
+        busy = probe.fraction()
+        if busy is None or busy < threshold:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 >= limit_s:
+            log.print(f"  [yellow]machine still busy ({busy * 100:.0f}% others' CPU) after {limit_s:g} s; measuring anyway[/yellow]")
+            return None
+        if not announced:
+            log.print(f"  waiting for the machine to be quiet ({busy * 100:.0f}% others' CPU) ...")
+            announced = True
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the CLIs
 
 
-def _run_process(cmd: list[str], timeout: float) -> tuple[int | None, float, str]:
-    """Run cmd in its own process group; (returncode or None on timeout, wall seconds, output).
+def _run_process(cmd: list[str], timeout: float) -> tuple[int | None, float, float, str]:
+    """Run cmd in its own process group; (returncode or None on timeout, wall s, CPU s, output).
 
-    On timeout the whole group is killed, so a tool's own child processes do not outlive it.
+    CPU seconds are user + system of the process and the children it waited for (less sensitive to
+    other load on the machine than wall time). On timeout the whole group is killed, so a tool's own
+    child processes do not outlive it.
     """
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,
@@ -191,8 +245,11 @@ def _run_process(cmd: list[str], timeout: float) -> tuple[int | None, float, str
         except ProcessLookupError:
             pass
         out, _ = proc.communicate()
-        return None, time.perf_counter() - t0, out.decode("utf-8", "replace")
-    return proc.returncode, time.perf_counter() - t0, out.decode("utf-8", "replace")
+        return None, time.perf_counter() - t0, 0.0, out.decode("utf-8", "replace")
+    wall = time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    return proc.returncode, wall, cpu, out.decode("utf-8", "replace")
 
 
 def _tool_command(tool: str, exe: str, src: Path, dst: Path, args: argparse.Namespace) -> list[str]:
@@ -208,7 +265,7 @@ def _time_clis(src: Path, work: Path, args: argparse.Namespace) -> dict[str, dic
     for tool in TOOLS:
         exe = _executable(tool)
         dst = work / f"{src.stem}.{tool}.onnx"
-        res[tool] = {"output": dst, "runs_s": [], "error": None if exe else f"{tool} not found on PATH"}
+        res[tool] = {"output": dst, "runs_s": [], "cpu_runs_s": [], "error": None if exe else f"{tool} not found on PATH"}
         if exe:
             res[tool]["command"] = _tool_command(tool, exe, src, dst, args)
     for i in range(args.repeat):
@@ -220,7 +277,7 @@ def _time_clis(src: Path, work: Path, args: argparse.Namespace) -> dict[str, dic
             dst.unlink(missing_ok=True)
             dst.with_name(dst.name + ".data").unlink(missing_ok=True)
             log.print(f"  [{i + 1}/{args.repeat}] {tool} ...", end=" ")
-            rc, secs, out = _run_process(r["command"], args.timeout)
+            rc, secs, cpu, out = _run_process(r["command"], args.timeout)
             if rc is None:
                 r["error"] = f"timed out after {args.timeout:g} s"
             elif rc != 0:
@@ -232,9 +289,11 @@ def _time_clis(src: Path, work: Path, args: argparse.Namespace) -> dict[str, dic
                 r["output_tail"] = out[-4000:]
             else:
                 r["runs_s"].append(secs)
+                r["cpu_runs_s"].append(cpu)
             log.print(f"{secs:.2f} s" if not r["error"] else f"[red]failed[/red]: {r['error']}")
     for r in res.values():
         r["seconds"] = statistics.median(r["runs_s"]) if r["runs_s"] and not r["error"] else None
+        r["cpu_seconds"] = statistics.median(r["cpu_runs_s"]) if r["cpu_runs_s"] and not r["error"] else None
     return res
 
 
@@ -260,6 +319,75 @@ def _in_process(src: Path, args: argparse.Namespace) -> dict:
     return {"seconds": statistics.median(secs), "runs_s": secs, "nodes": nodes, "error": None}
 
 
+def _ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    """Configured as graphopt.verify.latency_ms does it: CPU provider, ORT_ENABLE_ALL (what a deployment
+    runs with), `threads` intra-op threads, one inter-op thread."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _latency(variants: dict[str, Path], inputs: dict, args: argparse.Namespace) -> tuple[dict[str, dict], int]:
+    """Median latency of each variant, the variants interleaved run by run (rotating which goes first),
+    so that a change in machine speed during the measurement hits all of them alike.
+
+    `vs_original` is the median over iterations of original_i / variant_i (paired, like the ratio of
+    two interleaved benchmarks), >1 = faster than the original. Runs: at least --runs, more for fast
+    models so that each variant gets at least --min-time-s of timed runs (capped at --max-runs).
+    """
+    lat: dict[str, dict] = {v: {"ms": None, "vs_original": None, "error": None} for v in variants}
+    sessions: dict[str, ort.InferenceSession] = {}
+    feeds: dict[str, dict] = {}
+    for v, path in variants.items():
+        try:
+            sess = _ort_session(path, args.threads)
+            feed = {i.name: inputs[i.name] for i in sess.get_inputs() if i.name in inputs}
+            for _ in range(max(1, args.warmup)):
+                sess.run(None, feed)
+            sessions[v], feeds[v] = sess, feed
+        except Exception as exc:  # noqa: BLE001 - a model ORT rejects is that tool's failure
+            lat[v]["error"] = verify._first_line(exc)
+    if not sessions:
+        return lat, 0
+    probe_name = "original" if "original" in sessions else next(iter(sessions))
+    probe = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        sessions[probe_name].run(None, feeds[probe_name])
+        probe.append(time.perf_counter() - t0)
+    per_run = max(statistics.median(probe), 1e-7)
+    runs = max(args.runs, min(args.max_runs, math.ceil(args.min_time_s / per_run)))
+    names = list(sessions)
+    samples: dict[str, list[float]] = {v: [] for v in names}
+    for i in range(runs):
+        k = i % len(names)
+        for v in names[k:] + names[:k]:
+            if lat[v]["error"]:
+                continue
+            t0 = time.perf_counter()
+            try:
+                sessions[v].run(None, feeds[v])
+            except Exception as exc:  # noqa: BLE001
+                lat[v]["error"] = verify._first_line(exc)
+                continue
+            samples[v].append((time.perf_counter() - t0) * 1e3)
+    base = samples.get("original") if "original" in names and not lat["original"]["error"] else None
+    for v in names:
+        xs = samples[v]
+        if lat[v]["error"] or not xs:
+            continue
+        q = statistics.quantiles(xs, n=10) if len(xs) >= 2 else [xs[0]] * 9
+        lat[v].update(ms=statistics.median(xs), mean_ms=statistics.fmean(xs), min_ms=min(xs), p10_ms=q[0], p90_ms=q[-1], runs=len(xs))
+        if base is not None:
+            lat[v]["vs_original"] = statistics.median(b / x for b, x in zip(base, xs) if x > 0)
+            lat[v]["vs_original_of_medians"] = lat["original"]["ms"] / lat[v]["ms"] if "ms" in lat["original"] and lat["original"]["ms"] else None
+    del sessions
+    return lat, runs
+
+
 def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
     rec: dict[str, Any] = {"model": name, "description": models.describe(name)}
     t0 = time.perf_counter()
@@ -273,7 +401,10 @@ def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
     log.print(f"[bold]{name}[/bold]: built in {rec['build_s']:.1f} s, {rec['bytes'] / 2**20:.1f} MiB, {rec['nodes']['original']} nodes")
 
     # Optimizer time: the CLIs as whole processes, then graphopt in-process.
+    _wait_quiet(args.wait_quiet)
+    others = _OthersCPU()
     clis = _time_clis(src, work, args)
+    rec["others_cpu_optimizers"] = others.fraction()
     log.print("  graphopt in-process ...", end=" ")
     inproc = _in_process(src, args)
     log.print(f"{inproc['seconds']:.2f} s" if inproc["seconds"] is not None else "[red]crashed[/red]")
@@ -310,29 +441,13 @@ def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
             outputs.pop(tool)
     del reference
 
-    # Latency: rounds with the order rotating, median of round medians.
-    variants = {"original": src, **outputs}
-    lat: dict[str, dict] = {v: {"rounds_ms": [], "error": None} for v in variants}
-    order = list(variants)
-    # Fast models get more runs, so that a round lasts at least --min-round-s and timer noise averages out.
-    probe = verify.latency_ms(src, inputs, threads=args.threads, warmup=args.warmup, runs=5)
-    runs = max(args.runs, min(args.max_runs, math.ceil(args.min_round_s * 1e3 / max(probe, 1e-6))))
-    rec["latency_runs"] = runs
-    log.print(f"  latency: {args.rounds} round(s) x {runs} runs, {args.threads} threads ...", end=" ")
-    for rnd in range(args.rounds):
-        k = rnd % len(order)
-        for v in order[k:] + order[:k]:
-            if lat[v]["error"]:
-                continue
-            try:
-                ms = verify.latency_ms(variants[v], inputs, threads=args.threads, warmup=args.warmup, runs=runs)
-                lat[v]["rounds_ms"].append(ms)
-            except Exception as exc:  # noqa: BLE001
-                lat[v]["error"] = verify._first_line(exc)
-    for v in lat.values():
-        v["ms"] = statistics.median(v["rounds_ms"]) if v["rounds_ms"] and not v["error"] else None
-    rec["latency"] = lat
-    log.print("done")
+    # Latency: all variants interleaved run by run.
+    _wait_quiet(args.wait_quiet)
+    log.print(f"  latency ({args.threads} threads) ...", end=" ")
+    others = _OthersCPU()
+    rec["latency"], rec["latency_runs"] = _latency({"original": src, **outputs}, inputs, args)
+    rec["others_cpu_latency"] = others.fraction()
+    log.print(f"{rec['latency_runs']} interleaved runs each")
     rec["total_s"] = time.perf_counter() - t0
     # The sources of truth are kept; the paths are only useful with --keep.
     for tool in TOOLS:
@@ -382,6 +497,13 @@ def _ms(ms: float) -> str:
     return f"{ms:.1f} ms"
 
 
+def _pct(x: float | None) -> str:
+    if x is None:
+        return "-"
+    cell = f"{x * 100:.0f}%"
+    return f"[yellow]{cell}[/yellow]" if x >= 0.10 else cell
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b <= 0:
         return "-"
@@ -406,7 +528,8 @@ def _structure_table(records: list[dict], args: argparse.Namespace) -> Table:
         title=f"structure and optimizer time (graphopt -O{args.opt_level}, target {args.target})",
         title_justify="left",
         caption=f"CLI = whole process wall time, median of {args.repeat}; (x) = peer time / graphopt time, >1 = graphopt faster. "
-        "in-process = graphopt Report.seconds (pass pipeline only). max abs err: graphopt output vs original, all outputs.",
+        "in-process = graphopt Report.seconds (pass pipeline only). max abs err: graphopt output vs original, all outputs. "
+        "others' CPU: share of the machine busy with work not this benchmark's meanwhile (>= 10%: timings suspect).",
         caption_justify="left",
     )
     t.add_column("model", no_wrap=True)
@@ -419,9 +542,10 @@ def _structure_table(records: list[dict], args: argparse.Namespace) -> Table:
     t.add_column("onnxslim\nCLI (x)", justify="right")
     t.add_column("graphopt\nin-process", justify="right")
     t.add_column("graphopt\nmax abs err", justify="right")
+    t.add_column("others'\nCPU", justify="right")
     for rec in records:
         if rec.get("error"):
-            t.add_row(rec["model"], _fail(rec["error"]), *[""] * 8)
+            t.add_row(rec["model"], _fail(rec["error"]), *[""] * 9)
             continue
         ip = rec["graphopt_in_process"]
         ip_cell = _secs(ip["seconds"]) if ip["seconds"] is not None else _fail(ip["error"] or "crashed", 30)
@@ -443,6 +567,7 @@ def _structure_table(records: list[dict], args: argparse.Namespace) -> Table:
             _time_cell(rec, "onnxslim"),
             ip_cell,
             fid_cell,
+            _pct(rec.get("others_cpu_optimizers")),
         )
     return t
 
@@ -451,16 +576,16 @@ def _latency_table(records: list[dict], args: argparse.Namespace) -> Table:
     t = Table(
         title=f"onnxruntime {ort.__version__} latency (CPU, ORT_ENABLE_ALL, {args.threads} intra-op threads, batch 1)",
         title_justify="left",
-        caption=f"median of {args.rounds} round(s) (order rotating), each the median of >= {args.runs} runs "
-        f"(more for fast models: >= {args.min_round_s:g} s a round); (x) = original / that, >1 = faster than the original.",
+        caption=f"median of >= {args.runs} runs, the four models interleaved run by run (fast models get more runs: "
+        f">= {args.min_time_s:g} s each); (x) = median of paired original/that ratios, >1 = faster than the original.",
         caption_justify="left",
     )
     t.add_column("model", no_wrap=True)
-    for col in ("original", "graphopt (x)", "onnxsim (x)", "onnxslim (x)"):
+    for col in ("original", "graphopt (x)", "onnxsim (x)", "onnxslim (x)", "runs", "others' CPU"):
         t.add_column(col, justify="right")
     for rec in records:
         if rec.get("error"):
-            t.add_row(rec["model"], _fail(rec["error"]), "", "", "")
+            t.add_row(rec["model"], _fail(rec["error"]), "", "", "", "", "")
             continue
         lat = rec["latency"]
         base = lat["original"]["ms"]
@@ -474,9 +599,9 @@ def _latency_table(records: list[dict], args: argparse.Namespace) -> Table:
             elif lat[tool]["error"]:
                 cells.append(_fail("onnxruntime: " + lat[tool]["error"], 40))
             else:
-                ms = lat[tool]["ms"]
-                cells.append(f"{_ms(ms)} ({_ratio(base, ms)})")
-        t.add_row(rec["model"], *cells)
+                r = lat[tool]["vs_original"]
+                cells.append(f"{_ms(lat[tool]['ms'])} ({r:.2f}x)" if r is not None else _ms(lat[tool]["ms"]))
+        t.add_row(rec["model"], *cells, str(rec.get("latency_runs", "-")), _pct(rec.get("others_cpu_latency")))
     return t
 
 
@@ -487,27 +612,27 @@ def _latency_table(records: list[dict], args: argparse.Namespace) -> Table:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", help=f"comma-separated zoo models (default: all: {', '.join(models.available())})")
-    p.add_argument("--runs", type=int, help="onnxruntime runs per latency round, at least (default 30; --quick 10)")
-    p.add_argument("--rounds", type=int, help="latency rounds, order rotating; median of round medians (default 3; --quick 1)")
-    p.add_argument("--min-round-s", type=float, default=None, help="fast models get more runs so a latency round lasts this long (default 1; --quick 0.2)")
-    p.add_argument("--max-runs", type=int, default=20000, help="cap on runs per latency round (default 20000)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed onnxruntime runs before each round (default 3)")
+    p.add_argument("--runs", type=int, help="onnxruntime runs per model, at least (default 30; --quick 10)")
+    p.add_argument("--min-time-s", type=float, default=None, help="fast models get more runs, so each model runs at least this long (default 2; --quick 0.5)")
+    p.add_argument("--max-runs", type=int, default=20000, help="cap on latency runs per model (default 20000)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed onnxruntime runs per model before timing (default 3)")
     p.add_argument("--repeat", type=int, help="runs of each optimizer CLI (and of the in-process optimizer); median (default 3; --quick 1)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("-O", "--opt-level", type=int, default=3, choices=range(0, 4), help="graphopt level (default 3)")
     p.add_argument("--target", default="x86_64", help="graphopt target (default x86_64)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for one optimizer process (default 600)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before timing each model, wait up to this long for other work on the machine to stop (default 0: don't)")
     p.add_argument("--json", type=Path, help="write every figure here (rewritten after each model)")
     p.add_argument("--keep", type=Path, help="keep the model files in this folder instead of a temporary one")
     p.add_argument("--quick", action="store_true", help="skip resnet50 and bert_base (unless named in --models) and use fewer runs")
     a = p.parse_args(argv)
     a.runs = a.runs if a.runs is not None else (10 if a.quick else 30)
-    a.rounds = a.rounds if a.rounds is not None else (1 if a.quick else 3)
     a.repeat = a.repeat if a.repeat is not None else (1 if a.quick else 3)
-    a.min_round_s = a.min_round_s if a.min_round_s is not None else (0.2 if a.quick else 1.0)
-    for flag in ("runs", "rounds", "repeat", "threads"):
+    a.min_time_s = a.min_time_s if a.min_time_s is not None else (0.5 if a.quick else 2.0)
+    for flag in ("runs", "repeat", "threads", "max_runs"):
         if getattr(a, flag) < 1:
-            p.error(f"--{flag} must be at least 1")
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     known = models.available()
     if a.models:
         a.model_list = [m.strip() for m in a.models.split(",") if m.strip()]
@@ -541,12 +666,12 @@ def _environment(args: argparse.Namespace) -> dict:
             "target": args.target,
             "repeat": args.repeat,
             "runs": args.runs,
-            "rounds": args.rounds,
             "warmup": args.warmup,
-            "min_round_s": args.min_round_s,
+            "min_time_s": args.min_time_s,
             "max_runs": args.max_runs,
             "threads": args.threads,
             "timeout_s": args.timeout,
+            "wait_quiet_s": args.wait_quiet,
             "quick": args.quick,
         },
     }
@@ -564,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     env = _environment(args)
     log.print(
         f"graphopt bench: {', '.join(args.model_list)} | -O{args.opt_level} | optimizer repeat {args.repeat} | "
-        f"latency {args.rounds}x{args.runs} runs, {args.threads} threads | onnxruntime {ort.__version__}, "
+        f"latency >= {args.runs} runs, {args.threads} threads | onnxruntime {ort.__version__}, "
         f"onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']} | {env['cpu_count']} CPUs"
     )
     records: list[dict] = []

@@ -15,6 +15,7 @@ _LEVEL_PASSES: dict[int, list[str]] = {
         "constant-to-initializer",
         "fold-shapes",
         "fold-constants",
+        "fuse-layernorm",
         "eliminate-noop",
         "merge-transpose",
         "merge-reshape",

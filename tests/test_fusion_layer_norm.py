@@ -10,7 +10,6 @@ import pytest
 from helpers import copy, make_model, op_types
 from onnx import TensorProto, helper, numpy_helper
 
-import graphopt.passes.fusion  # noqa: F401  (registers fuse-layernorm)
 from graphopt import ir, models, verify
 from graphopt.optimize import optimize
 from graphopt.pass_manager import PassContext, PassManager, Sequential, create_pass
@@ -51,8 +50,8 @@ class G:
     def output(self, name, shape=None):
         self.outputs.append(helper.make_tensor_value_info(name, self.dtype, shape or self.shape))
 
-    def model(self):
-        inputs = [helper.make_tensor_value_info("x", self.dtype, self.shape)]
+    def model(self, input_shape=None):
+        inputs = [helper.make_tensor_value_info("x", self.dtype, input_shape or self.shape)]
         return make_model(self.nodes, inputs, self.outputs, self.inits, opset=self.opset)
 
 
@@ -107,7 +106,7 @@ def fuse(model: onnx.ModelProto, passes=("fuse-layernorm", "dce")) -> onnx.Model
 
 
 def assert_same(original, optimized, dtype=F, tol=1e-4, seeds=(0, 1, 2)):
-    shape = [d.dim_value for d in original.graph.input[0].type.tensor_type.shape.dim]
+    shape = [d.dim_value or 3 for d in original.graph.input[0].type.tensor_type.shape.dim]
     assert [o.name for o in optimized.graph.output] == [o.name for o in original.graph.output]
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -271,6 +270,64 @@ def test_runs_directly_through_pass_manager():
     onnx.checker.check_model(out)
     assert op_types(out) == ["LayerNormalization"]
     assert_same(g.model(), out)
+
+
+def test_symbolic_batch_and_sequence():
+    g = G()
+    torch_ln(g)
+    g.output("y", ["batch", "seq", 16])
+    assert_fused(g.model(["batch", "seq", 16]))
+
+
+def test_symbolic_normalized_dim_without_affine_is_skipped():
+    g = G()
+    torch_ln(g, affine=False)
+    g.output("y", [2, 5, "h"])
+    assert_untouched(g.model([2, 5, "h"]))
+
+
+def test_gamma_and_eps_from_constant_nodes():
+    g = G(opset=18)
+    mean = g.reduce_mean("x")
+    d = g.op("Sub", ["x", mean])
+    two = g.op("Constant", [], value=numpy_helper.from_array(np.array(2.0, np.float32)))
+    eps = g.op("Constant", [], value=numpy_helper.from_array(np.array(1e-6, np.float32)))
+    gamma = g.op("Constant", [], value=numpy_helper.from_array(g.rng.normal(1.0, 0.1, [16]).astype(np.float32)))
+    var = g.reduce_mean(g.op("Pow", [d, two]))
+    n = g.op("Div", [d, g.op("Sqrt", [g.op("Add", [var, eps])])])
+    g.op("Mul", [gamma, n], output="y")
+    g.output("y")
+    out = fuse(g.model())
+    assert op_types(out).count("LayerNormalization") == 1
+    assert not DECOMPOSED & set(op_types(out))
+    assert_same(g.model(), out)
+
+
+def test_inside_an_if_branch():
+    body = G()
+    torch_ln(body, out="then_y")
+    then_graph = helper.make_graph(
+        body.nodes, "then", [], [helper.make_tensor_value_info("then_y", F, SHAPE)], initializer=body.inits
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["else_y"])], "else", [], [helper.make_tensor_value_info("else_y", F, SHAPE)]
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", F, SHAPE)],
+        [helper.make_tensor_value_info("y", F, SHAPE)],
+        [numpy_helper.from_array(np.array(-1e9, np.float32), "zero")],
+    )
+    out = fuse(model)
+    if_node = next(n for n in out.graph.node if n.op_type == "If")
+    then_ops = [n.op_type for n in next(a.g for a in if_node.attribute if a.name == "then_branch").node]
+    assert then_ops == ["LayerNormalization"]
+    assert_same(model, out)
 
 
 def test_many_layer_norms_are_all_fused_quickly():
