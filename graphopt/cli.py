@@ -104,7 +104,7 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import ir, targets
     from graphopt import verify as verify_mod
-    from graphopt.optimize import optimize, resolve_source
+    from graphopt.optimize import optimize_model, resolve_source
 
     targets.get(target)  # fail fast on an unknown target, before any model work
     input_files: set[Path] = set()
@@ -135,7 +135,7 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
     if fold_size_limit is not None:
         options["fold_size_limit"] = fold_size_limit
     with console.status(f"optimizing {name} for {target} at -O{opt_level}", spinner="dots"):
-        result, report = optimize(
+        result, report = optimize_model(
             proto,
             target=target,
             opt_level=opt_level,

@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphopt.errors import GraphoptError, one_line
 
@@ -169,17 +170,23 @@ def check(proto: onnx.ModelProto | None, path: Path | None = None) -> None:
 
 
 
-def approx_nbytes(proto: onnx.ModelProto) -> int:
+def approx_nbytes(model: Model | onnx.ModelProto) -> int:
     """Serialized size, estimated from tensor shapes (exact ByteSize() costs a pass over every byte)."""
+    if isinstance(model, Model):
+        seen: set[int] = set()
+        total = sum(len(d.raw_data) for d in model.input_defaults.values())
+        for graph in model.graphs():
+            total += 128 * len(graph.nodes)
+            for node in graph.nodes:
+                for t in node.inputs:
+                    if isinstance(t, gs.Constant) and id(t) not in seen:
+                        seen.add(id(t))
+                        total += int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize + 64
+        return total
     total = 0
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-        try:
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-        except (KeyError, ValueError, TypeError):
-            itemsize = 1
-        total += count * itemsize + 64
-    return total + 128 * sum(1 for _ in _all_nodes(proto.graph))
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        total += (_tensor_nbytes(tensor) or 0) + 64
+    return total + 128 * sum(1 for _ in _all_nodes(model.graph))
 
 
 def from_proto(proto: onnx.ModelProto, *, fold_input_defaults: bool = False) -> Model:
@@ -215,42 +222,165 @@ def from_proto(proto: onnx.ModelProto, *, fold_input_defaults: bool = False) -> 
 # Exporting and saving
 
 
-def to_proto(model: Model) -> onnx.ModelProto:
-    graph = model.graph
+@dataclass
+class Exported:
+    """A model as ONNX, its main-graph initializers kept apart so they can be streamed one by one.
+
+    `proto` is complete except for `graph.initializer`; `initializers` yields those tensors.
+    """
+
+    proto: onnx.ModelProto
+    constants: list[gs.Constant]
+    defaults: list[onnx.TensorProto]
+
+    def initializers(self) -> Iterator[onnx.TensorProto]:
+        for constant in self.constants:
+            yield OnnxExporter.export_tensor_proto(constant)
+        yield from self.defaults
+
+
+def export(model: Model) -> Exported:
     for g in model.graphs():
         toposort(g)
-    proto = gs.export_onnx(graph, do_type_check=False)
+    graph = model.graph
+    tensors = graph.tensors()
+    constants = [t for t in tensors.values() if isinstance(t, gs.Constant) and not isinstance(t._values, SparseValues)]
+    sparse = [
+        OnnxExporter.export_sparse_tensor_proto(t)
+        for t in tensors.values()
+        if isinstance(t, gs.Constant) and isinstance(t._values, SparseValues)
+    ]
+    boundary = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    value_info = [
+        OnnxExporter.export_value_info_proto(t, do_type_check=False)
+        for t in tensors.values()
+        if isinstance(t, gs.Variable) and t.name not in boundary and (t.dtype is not None or t.shape is not None)
+    ]
+    inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
+    outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
+    live_inputs = {t.name for t in graph.inputs}
+    constant_names = {t.name for t in constants}
+    defaults = [d for name, d in model.input_defaults.items() if name in live_inputs and name not in constant_names]
+    if model.ir_version < 4:
+        # IR 3 requires every initializer to be listed as a graph input as well.
+        for constant in constants:
+            if constant.name not in live_inputs:
+                dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(constant.dtype))
+                inputs.append(onnx.helper.make_tensor_value_info(constant.name, dtype, list(constant.shape)))
+    onnx_graph = onnx.helper.make_graph(
+        [OnnxExporter.export_node(n) for n in graph.nodes],
+        graph.name,
+        inputs,
+        outputs,
+        sparse_initializer=sparse,
+        value_info=value_info,
+        doc_string=graph.doc_string,
+    )
+    proto = onnx.helper.make_model(onnx_graph, functions=model.functions)
     del proto.opset_import[:]
+    # New nodes from a domain the model did not import get version 1 of it; known domains keep theirs.
+    for node in _all_nodes(onnx_graph):
+        domain = node.domain
+        if domain not in model.opset_imports and not (domain in DEFAULT_DOMAINS and _has_default(model)):
+            model.opset_imports[domain] = 1
     for domain, version in sorted(model.opset_imports.items()):
         proto.opset_import.append(onnx.helper.make_opsetid(domain, version))
-    # gs adds imports for domains of new nodes; keep the original versions and add only what's new.
-    for node in _all_nodes(proto.graph):
-        if node.domain not in model.opset_imports and not (node.domain in DEFAULT_DOMAINS and _has_default(model)):
-            proto.opset_import.append(onnx.helper.make_opsetid(node.domain, 1))
-            model.opset_imports[node.domain] = 1
     proto.ir_version = model.ir_version
     proto.producer_name = model.producer_name
     proto.producer_version = model.producer_version
     proto.domain = model.domain
     proto.model_version = model.model_version
     proto.doc_string = model.doc_string
-    del proto.metadata_props[:]
     for key, value in model.metadata_props.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-    del proto.functions[:]
-    proto.functions.extend(model.functions)
-    g = proto.graph
-    live_inputs = {i.name for i in g.input}
-    existing = {i.name for i in g.initializer}
-    for name, default in model.input_defaults.items():
-        if name in live_inputs and name not in existing:
-            g.initializer.append(default)
-    if model.ir_version < 4:
-        # IR 3 requires every initializer to be listed as a graph input as well.
-        for init in g.initializer:
-            if init.name not in live_inputs:
-                g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return proto
+    return Exported(proto, constants, defaults)
+
+
+# Hand-written protobuf framing: the Python protobuf API can only serialize a whole message at
+# once, which would hold a second copy of every weight; ONNX files are plain protobuf, and a
+# message's fields may be written in any order, so the graph is framed here and its initializers
+# appended one by one.
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_EXTERNAL_ALIGNMENT = 64
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field_key(number: int) -> bytes:
+    return _varint((number << 3) | 2)  # wire type 2: length-delimited
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def _write_streamed(f, exported: Exported, data=None, data_name: str | None = None) -> None:
+    """Write `exported` to `f`; with `data`, tensors of EXTERNAL_DATA_MIN_BYTES or more go there."""
+    # First the sizes (the graph's length prefix comes before its initializers), then the bytes.
+    records: list[tuple[onnx.TensorProto, onnx.TensorProto | None]] = []  # (tensor, external stub)
+    offset = 0
+    for tensor in exported.initializers():
+        nbytes = _tensor_nbytes(tensor)
+        stub = None
+        if data is not None and nbytes is not None and nbytes >= EXTERNAL_DATA_MIN_BYTES:
+            offset = -(-offset // _EXTERNAL_ALIGNMENT) * _EXTERNAL_ALIGNMENT
+            stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=list(tensor.dims))
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(nbytes))):
+                stub.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
+            offset += nbytes
+        records.append((tensor, stub))
+    sizes = [(stub or tensor).ByteSize() for tensor, stub in records]
+    graph_bytes = exported.proto.graph.SerializeToString()
+    key = _field_key(_INITIALIZER_FIELD)
+    framed = sum(len(key) + len(_varint(size)) + size for size in sizes)
+    f.write(_head_bytes(exported.proto))
+    f.write(_field_key(_GRAPH_FIELD) + _varint(len(graph_bytes) + framed))
+    f.write(graph_bytes)
+    position = 0
+    for (tensor, stub), size in zip(records, sizes):
+        f.write(key + _varint(size))
+        if stub is None:
+            f.write(tensor.SerializeToString())
+            continue
+        f.write(stub.SerializeToString())
+        start = int(stub.external_data[1].value)
+        data.write(b"\0" * (start - position))
+        raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+        data.write(raw)
+        position = start + len(raw)
+
+
+def _head_bytes(proto: onnx.ModelProto) -> bytes:
+    """Every field of the model except its graph, serialized (the graph is small only without weights)."""
+    head = onnx.ModelProto()
+    head.CopyFrom(proto)
+    head.ClearField("graph")
+    return head.SerializeToString()
+
+
+def to_proto(model: Model) -> onnx.ModelProto:
+    """The model as one ModelProto (this copies every weight into it; `save` streams instead)."""
+    exported = export(model)
+    exported.proto.graph.initializer.extend(exported.initializers())
+    return exported.proto
 
 
 def _has_default(model: Model) -> bool:
@@ -280,16 +410,16 @@ def save(
     The model goes to a temporary folder beside `path`, is checked there with onnx.checker (and by
     `validate(tmp_path)`, which may raise to abandon the write), and only then renamed into place.
     With external_data=None, weights go to `<name>.data` when the model would not fit in one
-    protobuf (2 GiB). Saving with external data moves tensor bytes out of the in-memory proto, so
-    save last.
+    protobuf (2 GiB). Saving a ModelProto with external data moves tensor bytes out of it, so save
+    last.
     """
-    proto = to_proto(model) if isinstance(model, Model) else model
     path = Path(path)
     out_dir = path.parent if str(path.parent) else Path(".")
     if not out_dir.is_dir():
         raise GraphoptError(f"cannot write {path}: folder {out_dir} does not exist")
+    exported = export(model) if isinstance(model, Model) else None
     if external_data is None:
-        external_data = approx_nbytes(proto) > PROTOBUF_LIMIT_BYTES
+        external_data = approx_nbytes(model) > PROTOBUF_LIMIT_BYTES
     data_name = path.name + ".data"
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=out_dir))
@@ -297,9 +427,20 @@ def save(
         raise GraphoptError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         tmp_model = tmp_dir / path.name
-        if external_data:
+        if exported is not None:
+            with open(tmp_model, "wb") as f:
+                if external_data:
+                    with open(tmp_dir / data_name, "wb") as data:
+                        _write_streamed(f, exported, data, data_name)
+                        data.flush()
+                        os.fsync(data.fileno())
+                else:
+                    _write_streamed(f, exported)
+                f.flush()
+                os.fsync(f.fileno())
+        elif external_data:
             onnx.save_model(
-                proto,
+                model,
                 str(tmp_model),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
@@ -308,7 +449,7 @@ def save(
             )
         else:
             with open(tmp_model, "wb") as f:
-                f.write(proto.SerializeToString())
+                f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
         try:

@@ -68,7 +68,13 @@ def resolve_source(spec: str, files: set | None = None) -> tuple[onnx.ModelProto
     return ir.load_proto(spec, files=files), spec
 
 
-def optimize(
+def optimize(proto: onnx.ModelProto, **kwargs) -> tuple[onnx.ModelProto, Report]:
+    """Optimize a model and return it as a ModelProto (see `optimize_model` for the arguments)."""
+    model, report = optimize_model(proto, **kwargs)
+    return ir.to_proto(model), report
+
+
+def optimize_model(
     proto: onnx.ModelProto,
     *,
     target: str = "x86_64",
@@ -82,9 +88,11 @@ def optimize(
     fold_input_defaults: bool = False,
     source: str = "<model>",
     reference: onnx.ModelProto | str | None = None,
-) -> tuple[onnx.ModelProto, Report]:
-    """Optimize a model. `proto` is consumed (its tensors move into the result); pass `reference`
-    (a copy or the file path) to verify against the original.
+) -> tuple[ir.Model, Report]:
+    """Optimize a model into graphopt's IR, ready for `ir.save` (which streams it to disk).
+
+    `proto` is consumed (its tensors move into the result); pass `reference` (a copy or the file
+    path) to verify against the original.
     """
     from graphopt import targets
 
@@ -119,8 +127,6 @@ def optimize(
     ctx.analyses.invalidate()
     ctx.analysis("shapes")
     after = model_stats(model, ctx.options.get("symbolic_dims"))
-    # Not checked here: ir.save checks the written file, which costs no second copy of the weights.
-    result = ir.to_proto(model)
     report = Report(
         source=source,
         target=tgt.name,
@@ -128,10 +134,10 @@ def optimize(
         before=before,
         after=after,
         bytes_before=bytes_before,
-        bytes_after=ir.approx_nbytes(result),
+        bytes_after=ir.approx_nbytes(model),
         passes=records,
         pass_deltas=deltas.deltas,
         seconds=seconds,
         rollbacks=verifier.rollbacks if verifier else [],
     )
-    return result, report
+    return model, report
