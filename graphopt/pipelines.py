@@ -16,6 +16,7 @@ _LEVEL_PASSES: dict[int, list[str]] = {
         "fold-shapes",
         "fold-constants",
         "fuse-layernorm",
+        "fold-conv-bn",
         "eliminate-noop",
         "merge-transpose",
         "merge-reshape",
