@@ -117,14 +117,22 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
     for role, candidate in written.items():
         if candidate.resolve() in input_files:
             raise GraphoptError(f"{role} {candidate} is a file of the input model; choose another path so the input stays intact")
+        # Files are written beside their path and renamed over it: that would replace a device
+        # (-o /dev/full), FIFO or socket instead of writing into it.
+        if candidate.exists() and not candidate.is_file() and not candidate.is_dir():
+            raise GraphoptError(f"cannot write {role} {candidate}: it is not a regular file (a device, FIFO or socket)")
     if report_path and Path(report_path).resolve() == out.resolve():
         raise GraphoptError(f"report {report_path} and output {out} are the same file")
     if out.is_dir():
         raise GraphoptError(f"cannot write {out}: it is a directory")
-    if not out.parent.is_dir():
-        raise GraphoptError(f"cannot write {out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise GraphoptError(f"cannot write {out}: folder {out.parent} is not writable")
+    # Checked before any work, the report's folder too: a report that cannot be written after the
+    # output was would leave a half-finished run behind.
+    for dest in [out] + ([Path(report_path)] if report_path else []):
+        if not dest.parent.is_dir():
+            why = "is not a folder" if dest.parent.exists() else "does not exist"
+            raise GraphoptError(f"cannot write {dest}: folder {dest.parent} {why}")
+        if not os.access(dest.parent, os.W_OK):
+            raise GraphoptError(f"cannot write {dest}: folder {dest.parent} is not writable")
     # The reference for verification: the file itself when there is one, else an in-memory copy.
     reference = path if path is not None else _copy(proto)
     inputs = None

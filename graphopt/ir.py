@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.importers import onnx_importer as _gs_onnx_importer
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from graphopt.errors import GraphoptError, one_line
@@ -104,6 +105,9 @@ def load_proto(path: str | os.PathLike, *, files: set[Path] | None = None) -> on
         raise GraphoptError(f"{path}: no such file")
     if path.is_dir():
         raise GraphoptError(f"{path}: is a directory, not an ONNX model file")
+    if not path.is_file():
+        # A FIFO or device: reading it could block forever or never end.
+        raise GraphoptError(f"{path}: is not a regular file (a FIFO, socket or device), not an ONNX model file")
     if path.stat().st_size == 0:
         raise GraphoptError(f"{path}: file is empty")
     try:
@@ -112,11 +116,84 @@ def load_proto(path: str | os.PathLike, *, files: set[Path] | None = None) -> on
         raise GraphoptError(f"{path}: not a valid ONNX model (protobuf parse failed: {one_line(exc)})") from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise GraphoptError(f"{path}: not an ONNX model (no graph or IR version in the file)")
+    _check_utf8(proto, path)
     data_files = _load_external_data(proto, path.parent)
     check(None, path)
+    _check_declared_types(proto.graph, path)
     if files is not None:
         files.update(data_files | {path.resolve()})
     return proto
+
+
+def _check_utf8(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse names (any string field) that are not UTF-8, naming the field and the node.
+
+    protobuf hands such a string back as bytes instead of failing the parse; left in the model, it
+    would surface much later as an internal error wherever the name is used.
+    """
+
+    def walk(message, where: str, node: str | None) -> None:
+        for field in message.DESCRIPTOR.fields:
+            if field.type == field.TYPE_STRING:
+                value = getattr(message, field.name)
+                items = [(f"[{i}]", v) for i, v in enumerate(value)] if not isinstance(value, (str, bytes)) else [("", value)]
+                for index, item in items:
+                    if isinstance(item, bytes):
+                        raise GraphoptError(
+                            f"{path}: not a valid ONNX model: {where}.{field.name}{index} is not valid UTF-8 ({item!r})", node=node
+                        )
+            elif field.type == field.TYPE_MESSAGE:
+                value = getattr(message, field.name)
+                if hasattr(value, "DESCRIPTOR"):  # a singular message field
+                    if message.HasField(field.name):
+                        walk(value, f"{where}.{field.name}", node)
+                    continue
+                for i, sub in enumerate(value):
+                    label = node
+                    if isinstance(sub, onnx.NodeProto):
+                        # The node's own name may be the bad one: show it with its bytes escaped.
+                        name = sub.name
+                        label = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name or f"#{i}"
+                    walk(sub, f"{where}.{field.name}[{i}]", label)
+
+    walk(proto, "model", None)
+
+
+def _check_declared_types(graph: onnx.GraphProto, path: Path) -> None:
+    """A graph input, output or value_info naming an initializer must agree with it on type and shape.
+
+    Neither onnx.checker nor (non-strict) shape inference compares them; onnxruntime refuses some
+    such models, and a pass trusting the declared shape would rewrite the graph wrongly.
+    """
+    initializers = {t.name: t for t in graph.initializer}
+    for kind, infos in (("graph input", graph.input), ("graph output", graph.output), ("value_info", graph.value_info)):
+        for vi in infos:
+            init = initializers.get(vi.name)
+            if init is None or vi.type.WhichOneof("value") != "tensor_type":
+                continue
+            tt = vi.type.tensor_type
+            declared = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] if tt.HasField("shape") else None
+            type_differs = tt.elem_type not in (0, init.data_type)
+            shape_differs = declared is not None and (
+                len(declared) != len(init.dims) or any(d is not None and d != n for d, n in zip(declared, init.dims))
+            )
+            if type_differs or shape_differs:
+                shown = "[" + ", ".join("?" if d is None else str(d) for d in declared) + "]" if declared is not None else "unknown shape"
+                raise GraphoptError(
+                    f"{path}: {kind} '{vi.name}' declares {_dtype_name(tt.elem_type)} {shown} but its initializer is "
+                    f"{_dtype_name(init.data_type)} {list(init.dims)}"
+                )
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                _check_declared_types(sub, path)
+
+
+def _dtype_name(data_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(data_type).lower()
+    except ValueError:
+        return f"type {data_type}"
 
 
 def _external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -138,7 +215,8 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> set[Path]:
                 f"external data location '{info.location}' of tensor '{tensor.name}' escapes the model's folder; refused"
             )
         if not target.is_file():
-            raise GraphoptError(f"external data file '{info.location}' of tensor '{tensor.name}' is missing")
+            what = "is not a regular file" if target.exists() else "is missing"
+            raise GraphoptError(f"external data file '{info.location}' of tensor '{tensor.name}' {what}")
         files.add(target)
         size = target.stat().st_size
         end = (info.offset or 0) + (info.length or 0)
@@ -201,7 +279,9 @@ def from_proto(proto: onnx.ModelProto, *, fold_input_defaults: bool = False) -> 
             default.CopyFrom(proto.graph.initializer[index])
             input_defaults[default.name] = default
             del proto.graph.initializer[index]
+    _merge_io_value_info(proto.graph)
     graph = gs.import_onnx(proto)
+    _keep_value_types(proto.graph, graph)
     opsets = {imp.domain: imp.version for imp in proto.opset_import}
     return Model(
         graph=graph,
@@ -216,6 +296,156 @@ def from_proto(proto: onnx.ModelProto, *, fold_input_defaults: bool = False) -> 
         metadata_props={p.key: p.value for p in proto.metadata_props},
         functions=list(proto.functions),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What onnx-graphsurgeon (0.5, 0.6) loses or cannot export, kept and exported here
+#
+# * Values of optional, map or nested sequence type: gs keeps only an element dtype for them (a
+#   TypeProto for optionals), and its exporter fails on optionals ("onnx_tensor" unbound) and
+#   writes a nested sequence as a sequence of tensors. `from_proto` keeps each such value's full
+#   TypeProto on the Variable (`onnx_type`), and the exporter writes it back.
+# * Constants of strings whose values were loaded into numpy (a pass read them): gs always
+#   exports through raw_data, which ONNX forbids for strings. They go through numpy_helper.
+# * Attributes of type TYPE_PROTO(S), SPARSE_TENSOR(S) and TENSORS (Optional's `type`, Constant's
+#   `sparse_value`): gs drops them on import with a warning, leaving an invalid node. They are
+#   imported as the protos themselves, which gs's exporter (onnx.helper.make_attribute) writes back.
+#   (GRAPHS stays unsupported: no standard op has one, and its bodies would be opaque to passes.)
+
+for _kind, _field in {
+    "TYPE_PROTO": "tp",
+    "TYPE_PROTOS": "type_protos",
+    "SPARSE_TENSOR": "sparse_tensor",
+    "SPARSE_TENSORS": "sparse_tensors",
+    "TENSORS": "tensors",
+}.items():
+    _gs_onnx_importer.ONNX_PYTHON_ATTR_MAPPING.setdefault(_kind, _field)
+
+
+def _keep_value_types(proto_graph: onnx.GraphProto, graph: gs.Graph) -> None:
+    types: dict[str, onnx.TypeProto] = {}
+
+    def collect(g: onnx.GraphProto) -> None:
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.WhichOneof("value") not in (None, "tensor_type"):
+                types[vi.name] = vi.type
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    collect(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        collect(sub)
+
+    collect(proto_graph)
+    if not types:
+        return
+    for g in [graph, *subgraphs_below(graph)]:
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.name in types:
+                tensor.onnx_type = types[tensor.name]
+
+
+_gs_export_value_info = OnnxExporter.export_value_info_proto
+_gs_export_tensor = OnnxExporter.export_tensor_proto
+
+
+def _export_value_info(tensor: gs.Tensor, do_type_check: bool) -> onnx.ValueInfoProto:
+    kind = getattr(tensor, "type", "tensor_type")
+    if isinstance(tensor, gs.Constant) or kind in (None, "tensor_type"):
+        return _gs_export_value_info(tensor, do_type_check)
+    kept = getattr(tensor, "onnx_type", None)
+    if kept is not None:
+        return onnx.helper.make_value_info(tensor.name, kept)
+    if kind == "optional_type" and isinstance(tensor.dtype, onnx.TypeProto):
+        return onnx.helper.make_value_info(tensor.name, onnx.helper.make_optional_type_proto(tensor.dtype))
+    if kind in ("sequence_type", "sparse_tensor_type"):
+        return _gs_export_value_info(tensor, do_type_check)
+    return onnx.helper.make_empty_tensor_value_info(tensor.name)
+
+
+def _export_tensor(tensor: gs.Constant) -> onnx.TensorProto:
+    if not isinstance(tensor._values, (LazyValues, SparseValues)) and np.dtype(tensor.dtype).kind in "OSU":
+        return onnx.numpy_helper.from_array(np.asarray(tensor.values, dtype=object), tensor.name)
+    return _gs_export_tensor(tensor)
+
+
+# gs's own exporter calls these through the class for subgraphs and attributes, so they are
+# replaced there rather than wrapped in functions of ours.
+OnnxExporter.export_value_info_proto = staticmethod(_export_value_info)
+OnnxExporter.export_tensor_proto = staticmethod(_export_tensor)
+
+
+# * A graph input or output that value_info repeats: gs imports it from the value_info entry alone,
+#   so an entry with less in it (ddddocr's quantized model repeats its output "387" with no shape)
+#   hid the declared shape, and even -O0 wrote an output onnx.checker rejects. `_merge_io_value_info`
+#   folds such entries into the declaration, which wins where both say something.
+# * An empty list attribute (ReduceMax axes=[] from torch's TorchScript exporter): gs imports a bare
+#   [], whose type onnx.helper.make_attribute cannot infer, so every export of the model failed. It
+#   is imported as an `EmptyAttr`, an empty list that remembers its type, and exported with it.
+
+
+def _merge_io_value_info(graph: onnx.GraphProto) -> None:
+    declared = {vi.name: vi for vi in list(graph.input) + list(graph.output)}
+    kept = []
+    for vi in graph.value_info:
+        io = declared.get(vi.name)
+        if io is None:
+            kept.append(vi)
+        elif io.type.WhichOneof("value") is None:
+            io.type.CopyFrom(vi.type)
+        elif io.type.WhichOneof("value") == "tensor_type" and vi.type.WhichOneof("value") == "tensor_type":
+            mine, theirs = io.type.tensor_type, vi.type.tensor_type
+            if not mine.elem_type:
+                mine.elem_type = theirs.elem_type
+            if not mine.HasField("shape") and theirs.HasField("shape"):
+                mine.shape.CopyFrom(theirs.shape)
+    if len(kept) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                _merge_io_value_info(sub)
+
+
+class EmptyAttr(list):
+    """An empty list attribute value that remembers its onnx.AttributeProto type (INTS, FLOATS, ...)."""
+
+    def __init__(self, attr_type: int):
+        super().__init__()
+        self.attr_type = attr_type
+
+
+_LIST_ATTRIBUTES = {
+    onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS, onnx.AttributeProto.STRINGS, onnx.AttributeProto.TENSORS,
+    onnx.AttributeProto.SPARSE_TENSORS, onnx.AttributeProto.TYPE_PROTOS, onnx.AttributeProto.GRAPHS,
+}
+_gs_import_attributes = _gs_onnx_importer.OnnxImporter.import_attributes
+_gs_export_attributes = OnnxExporter.export_attributes
+
+
+def _import_attributes(onnx_attributes, *args, **kwargs):
+    attrs = _gs_import_attributes(onnx_attributes, *args, **kwargs)
+    for attr in onnx_attributes:
+        value = attrs.get(attr.name)
+        if attr.type in _LIST_ATTRIBUTES and not attr.ref_attr_name and value is not None and len(value) == 0:
+            attrs[attr.name] = EmptyAttr(attr.type)
+    return attrs
+
+
+def _export_attributes(attrs: dict) -> list[onnx.AttributeProto]:
+    exported = []
+    for key, value in attrs.items():
+        if isinstance(value, EmptyAttr):
+            exported.append(onnx.helper.make_attribute(key, [], attr_type=value.attr_type))
+        else:
+            exported.extend(_gs_export_attributes({key: value}))
+    return exported
+
+
+_gs_onnx_importer.OnnxImporter.import_attributes = staticmethod(_import_attributes)
+OnnxExporter.export_attributes = staticmethod(_export_attributes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +647,9 @@ def save(
     out_dir = path.parent if str(path.parent) else Path(".")
     if not out_dir.is_dir():
         raise GraphoptError(f"cannot write {path}: folder {out_dir} does not exist")
+    if path.exists() and not path.is_file():
+        # The rename below would replace a directory entry like /dev/full, not write into it.
+        raise GraphoptError(f"cannot write {path}: it is not a regular file")
     exported = export(model) if isinstance(model, Model) else None
     if external_data is None:
         external_data = approx_nbytes(model) > PROTOBUF_LIMIT_BYTES
@@ -538,6 +771,45 @@ def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     return None
 
 
+def check_shapes(model: Model) -> None:
+    """Contradictions onnx.checker and shape inference let through, found once the "shapes" analysis
+    has annotated the graph: a Reshape whose constant target cannot hold its input's elements (it
+    would fail only when run). Raises GraphoptError naming the node."""
+    for graph in model.graphs():
+        for node in graph.nodes:
+            if node.op != "Reshape" or node.domain not in DEFAULT_DOMAINS or len(node.inputs) < 2:
+                continue
+            shape = static_shape(node.inputs[0])
+            target = constant_value(node.inputs[1])
+            if shape is None or target is None or np.ndim(target) != 1 or np.asarray(target).dtype.kind not in "iu":
+                continue
+            problem = _reshape_problem(shape, [int(d) for d in target], bool(node.attrs.get("allowzero", 0)))
+            if problem:
+                raise GraphoptError(f"Reshape {problem}", node=node.name or node.op)
+
+
+def _reshape_problem(shape: tuple[int, ...], target: list[int], allowzero: bool) -> str | None:
+    count = int(np.prod(shape, dtype=np.int64))
+    dims = []
+    for i, d in enumerate(target):
+        if d == 0 and not allowzero:
+            if i >= len(shape):
+                return f"target {target} copies dimension {i} of its rank-{len(shape)} input {list(shape)}"
+            d = shape[i]
+        elif d < -1:
+            return f"target {target} has the negative dimension {d}"
+        dims.append(d)
+    if dims.count(-1) > 1:
+        return f"target {target} has more than one -1"
+    known = int(np.prod([d for d in dims if d != -1], dtype=np.int64))
+    if -1 in dims:
+        if known and count % known:
+            return f"cannot reshape {list(shape)} ({count} elements) to {target}: {count} is not a multiple of {known}"
+    elif known != count:
+        return f"cannot reshape {list(shape)} ({count} elements) to {target} ({known} elements)"
+    return None
+
+
 def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.outputs)
 
@@ -564,8 +836,7 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
             return False
         # `old` becomes the producer's output; `new`'s other consumers read `old`.
         old.inputs.clear()
-        for node in consumers(new):
-            _swap_input(node, new, old)
+        redirect_uses(new, old)
         index = next(i for i, t in enumerate(new_producer.outputs) if t is new)
         new_producer.outputs[index] = old
         if old.dtype is None:
@@ -573,15 +844,39 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
         if old.shape is None:
             old.shape = new.shape
         return True
-    for node in consumers(old):
-        _swap_input(node, old, new)
+    redirect_uses(old, new)
     return True
 
 
-def _swap_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
-    for i, t in enumerate(node.inputs):
-        if t is old:
-            node.inputs[i] = new
+# gs keeps producer/consumer lists in sync through its own list type, which finds the entry to
+# drop with list.remove, i.e. with gs's deep Node.__eq__: rewiring the consumers of a tensor read by
+# k nodes then costs O(k^2) slow comparisons. These helpers edit the lists directly, by identity.
+
+
+def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """`node.inputs[index] = tensor`, without gs's quadratic bookkeeping."""
+    old = node.inputs[index]
+    if old is tensor:
+        return
+    consumers_of_old = old.outputs
+    for i, n in enumerate(consumers_of_old):
+        if n is node:
+            list.__delitem__(consumers_of_old, i)
+            break
+    list.__setitem__(node.inputs, index, tensor)
+    list.append(tensor.outputs, node)
+
+
+def redirect_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Every consumer of `old` (in this graph and in subgraphs) reads `new` instead; O(consumers)."""
+    if old is new:
+        return
+    for node in {id(n): n for n in old.outputs}.values():
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                list.__setitem__(node.inputs, i, new)
+                list.append(new.outputs, node)
+    list.clear(old.outputs)
 
 
 def make_constant(name: str, value: np.ndarray) -> gs.Constant:
@@ -615,13 +910,22 @@ def parameter_count(model: Model) -> int:
 
 
 def remove_nodes(graph: gs.Graph, dead: list[gs.Node]) -> None:
-    """Disconnect and drop nodes in one sweep (removing one by one from the list would be quadratic)."""
+    """Disconnect and drop nodes in one sweep, in time linear in their edges.
+
+    (Removing one by one from graph.nodes, or through gs's own list bookkeeping, is quadratic.)
+    """
     if not dead:
         return
     dead_ids = {id(n) for n in dead}
+    touched: dict[int, gs.Tensor] = {}
     for node in dead:
-        node.inputs.clear()
-        node.outputs.clear()
+        for t in list(node.inputs) + list(node.outputs):
+            touched[id(t)] = t
+        list.clear(node.inputs)
+        list.clear(node.outputs)
+    for t in touched.values():
+        list.__setitem__(t.outputs, slice(None), [n for n in t.outputs if id(n) not in dead_ids])
+        list.__setitem__(t.inputs, slice(None), [n for n in t.inputs if id(n) not in dead_ids])
     graph.nodes = [n for n in graph.nodes if id(n) not in dead_ids]
 
 

@@ -109,6 +109,7 @@ def optimize_model(
     model = ir.from_proto(proto, fold_input_defaults=fold_input_defaults)
     ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}))
     ctx.analysis("shapes")
+    ir.check_shapes(model)
     before = model_stats(model, ctx.options.get("symbolic_dims"))
     deltas = StatsDelta()
     ctx.instruments.append(deltas)
@@ -120,7 +121,10 @@ def optimize_model(
         verifier = VerifyEach(reference, inputs)
         ctx.instruments.append(verifier)
     if dump_ir:
-        ctx.instruments.append(DumpIR(dump_ir))
+        try:
+            ctx.instruments.append(DumpIR(dump_ir))
+        except OSError as exc:
+            raise GraphoptError(f"cannot create the IR dump folder {dump_ir}: {exc.strerror or exc}") from None
     start = time.perf_counter()
     records = PassManager(pipeline).run(ctx)
     seconds = time.perf_counter() - start

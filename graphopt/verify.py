@@ -236,7 +236,8 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
         if approx_nbytes(model) > PROTOBUF_LIMIT_BYTES:
             raise ValueError("too large for shape inference")
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        # Graph outputs too: a value that is an output is in graph.output, not in value_info.
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
             if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.HasField("shape"):
                 shapes[vi.name] = tuple(
                     d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim
@@ -470,7 +471,28 @@ def _session(model: onnx.ModelProto | str | os.PathLike, threads: int, level: or
     try:
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types, all worth one line
-        raise GraphoptError(f"onnxruntime cannot load the model: {one_line(exc)}") from None
+        text = one_line(exc)
+        raise GraphoptError(f"onnxruntime cannot load the model: {text}", node=_unregistered_op_node(model, text)) from None
+
+
+_UNREGISTERED_OP = re.compile(r"([\w.]*):([\w.]+)\(-?\d+\) is not a registered function/op")
+
+
+def _unregistered_op_node(model: onnx.ModelProto | str | os.PathLike, message: str) -> str | None:
+    """The first node using the op ORT says it has no kernel for ("com.x:Op(-1) is not a registered
+    function/op" names only the op), so the error can name the node."""
+    match = _UNREGISTERED_OP.search(message)
+    if match is None:
+        return None
+    domain, op = match.groups()
+    try:
+        proto = _as_proto(model)
+    except GraphoptError:
+        return None
+    for node in _all_nodes(proto.graph):
+        if node.op_type == op and node.domain in ((domain,) if domain not in ("", "ai.onnx") else ("", "ai.onnx")):
+            return node.name or f"{domain}:{op}"
+    return None
 
 
 def _feeds_for(sess: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -59,8 +59,7 @@ class ConstantNodesToInitializers(Pass):
             if value is None or ir.is_graph_output(graph, out):
                 continue
             const = ir.make_constant(ctx.fresh_name(out.name), value)
-            for consumer in ir.consumers(out):
-                ir._swap_input(consumer, out, const)
+            ir.redirect_uses(out, const)
             converted.append(node)
         ir.remove_nodes(graph, converted)
         return PassResult(bool(converted), {"converted": len(converted)})
@@ -215,7 +214,7 @@ class MergeTransposes(Pass):
                     removed.append(node)
                     merged += 1
                 continue
-            node.inputs[0] = source
+            ir.set_input(node, 0, source)
             node.attrs["perm"] = composed
             merged += 1
         ir.remove_nodes(graph, removed)
@@ -242,7 +241,7 @@ class MergeReshapes(Pass):
             # A 0 in the target copies a dimension of this Reshape's own input, which would change.
             if shape is None or (np.any(np.asarray(shape) == 0) and not node.attrs.get("allowzero", 0)):
                 continue
-            node.inputs[0] = first.inputs[0]
+            ir.set_input(node, 0, first.inputs[0])
             merged += 1
         return PassResult(merged > 0, {"merged": merged})
 
@@ -305,7 +304,7 @@ class CommonSubexpressionElimination(Pass):
         for node, i, tensor in uses:
             canonical = canonical_of.get(id(tensor), tensor)
             if canonical is not tensor:
-                node.inputs[i] = canonical
+                ir.set_input(node, i, canonical)
                 merged += 1
         return merged
 

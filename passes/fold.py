@@ -63,8 +63,7 @@ class FoldConstants(Pass):
                 )
                 continue
             const = ir.make_constant(ctx.fresh_name(tensor.name), value)
-            for consumer in ir.consumers(tensor):
-                ir._swap_input(consumer, tensor, const)
+            ir.redirect_uses(tensor, const)
         ir.remove_nodes(graph, region)
         return PassResult(True, {"folded_nodes": len(region)})
 
@@ -146,8 +145,7 @@ class FoldShapes(Pass):
     @staticmethod
     def _replace(graph: gs.Graph, tensor: gs.Tensor, value: np.ndarray, ctx: PassContext) -> None:
         const = ir.make_constant(ctx.fresh_name(tensor.name), value)
-        for consumer in ir.consumers(tensor):
-            ir._swap_input(consumer, tensor, const)
+        ir.redirect_uses(tensor, const)
 
 
 def _shape_dims(node: gs.Node) -> list | None:

@@ -36,11 +36,11 @@ class FoldConvBatchNorm(Pass):
             if params is None:
                 continue
             weight, bias = params
-            conv.inputs[1] = ir.make_constant(ctx.fresh_name(conv.inputs[1].name + "_bn"), weight)
+            ir.set_input(conv, 1, ir.make_constant(ctx.fresh_name(conv.inputs[1].name + "_bn"), weight))
             bias_name = conv.inputs[2].name if len(conv.inputs) > 2 and not conv.inputs[2].is_empty() else conv.inputs[1].name
             bias_const = ir.make_constant(ctx.fresh_name(bias_name + "_bn_bias"), bias)
             if len(conv.inputs) > 2:
-                conv.inputs[2] = bias_const
+                ir.set_input(conv, 2, bias_const)
             else:
                 conv.inputs.append(bias_const)
             if ir.replace_all_uses(graph, bn.outputs[0], conv.outputs[0]):
