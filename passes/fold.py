@@ -31,12 +31,13 @@ class FoldConstants(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         limit = int(ctx.options.get("fold_size_limit", DEFAULT_FOLD_SIZE_LIMIT))
+        ctx.analysis("shapes")
         ir.toposort(graph)
         declined: set[int] = set()
         # A result over the size limit is declined and the region recomputed without it; each
         # round declines at least one node, and in practice one round is all there is.
         for _ in range(8):
-            region = self._foldable_region(graph, declined)
+            region = self._foldable_region(graph, declined, limit)
             if not region:
                 return PassResult(False)
             boundary = self._boundary(graph, region)
@@ -68,7 +69,7 @@ class FoldConstants(Pass):
         return PassResult(True, {"folded_nodes": len(region)})
 
     @staticmethod
-    def _foldable_region(graph: gs.Graph, declined: set[int]) -> list[gs.Node]:
+    def _foldable_region(graph: gs.Graph, declined: set[int], limit: int) -> list[gs.Node]:
         folded: set[int] = set()  # ids of tensors known at compile time through folding
         region = []
         for node in graph.nodes:
@@ -81,6 +82,10 @@ class FoldConstants(Pass):
             ):
                 continue
             if all(t.is_empty() or isinstance(t, gs.Constant) or id(t) in folded for t in node.inputs):
+                # Decline up front what inference already says is too big, rather than compute it.
+                out_bytes = _known_bytes(node.outputs)
+                if out_bytes is not None and out_bytes > limit and out_bytes > _input_bytes(node):
+                    continue
                 region.append(node)
                 folded.update(id(t) for t in node.outputs)
         return region
@@ -99,13 +104,21 @@ class FoldConstants(Pass):
         return boundary
 
 
-def _input_bytes(node: gs.Node) -> int:
+def _known_bytes(tensors) -> int | None:
     total = 0
-    for t in node.inputs:
+    for t in tensors:
         shape = ir.static_shape(t) if not t.is_empty() else None
-        if shape is not None and t.dtype is not None:
+        if shape is None or t.dtype is None:
+            return None
+        try:
             total += int(np.prod(shape)) * np.dtype(t.dtype).itemsize
+        except TypeError:  # gs keeps types numpy lacks (bfloat16, float8) as ONNX type codes
+            return None
     return total
+
+
+def _input_bytes(node: gs.Node) -> int:
+    return sum(_known_bytes([t]) or 0 for t in node.inputs if not t.is_empty())
 
 
 @register_pass
