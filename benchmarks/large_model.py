@@ -58,11 +58,18 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.5)
     parser.add_argument("--dir")
     parser.add_argument("--verify", action="store_true", help="also verify in onnxruntime (adds its sessions' memory)")
+    parser.add_argument("--build-only", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_only:
+        print(build(Path(args.build_only), int(args.gb * 1e9)))
+        return
     folder = Path(args.dir or tempfile.mkdtemp(prefix="graphopt-large-"))
     source = folder / "large.onnx"
     start = time.perf_counter()
-    weight_bytes = build(source, int(args.gb * 1e9))
+    # Built in a child process: a child forked from a parent holding the weights would be charged
+    # the parent's pages in its peak RSS until it execs.
+    built = subprocess.run([sys.executable, __file__, "--gb", str(args.gb), "--build-only", str(source)], capture_output=True, text=True, check=True)
+    weight_bytes = int(built.stdout.strip().splitlines()[-1])
     print(f"built {source} with {weight_bytes / 1e9:.2f} GB of weights in {time.perf_counter() - start:.1f} s")
     out = folder / "large.opt.onnx"
     cmd = [sys.executable, "-m", "graphopt.cli", "run", str(source), "-o", str(out)]

@@ -133,20 +133,20 @@ def _check_utf8(proto: onnx.ModelProto, path: Path) -> None:
     """
 
     def walk(message, where: str, node: str | None) -> None:
-        for field in message.DESCRIPTOR.fields:
-            if field.type == field.TYPE_STRING:
-                value = getattr(message, field.name)
+        for fd in message.DESCRIPTOR.fields:
+            if fd.type == fd.TYPE_STRING:
+                value = getattr(message, fd.name)
                 items = [(f"[{i}]", v) for i, v in enumerate(value)] if not isinstance(value, (str, bytes)) else [("", value)]
                 for index, item in items:
                     if isinstance(item, bytes):
                         raise GraphoptError(
-                            f"{path}: not a valid ONNX model: {where}.{field.name}{index} is not valid UTF-8 ({item!r})", node=node
+                            f"{path}: not a valid ONNX model: {where}.{fd.name}{index} is not valid UTF-8 ({item!r})", node=node
                         )
-            elif field.type == field.TYPE_MESSAGE:
-                value = getattr(message, field.name)
+            elif fd.type == fd.TYPE_MESSAGE:
+                value = getattr(message, fd.name)
                 if hasattr(value, "DESCRIPTOR"):  # a singular message field
-                    if message.HasField(field.name):
-                        walk(value, f"{where}.{field.name}", node)
+                    if message.HasField(fd.name):
+                        walk(value, f"{where}.{fd.name}", node)
                     continue
                 for i, sub in enumerate(value):
                     label = node
@@ -154,7 +154,7 @@ def _check_utf8(proto: onnx.ModelProto, path: Path) -> None:
                         # The node's own name may be the bad one: show it with its bytes escaped.
                         name = sub.name
                         label = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else name or f"#{i}"
-                    walk(sub, f"{where}.{field.name}[{i}]", label)
+                    walk(sub, f"{where}.{fd.name}[{i}]", label)
 
     walk(proto, "model", None)
 
@@ -607,6 +607,33 @@ def _head_bytes(proto: onnx.ModelProto) -> bytes:
     return head.SerializeToString()
 
 
+# Weights at least this big are left out of structure_proto (typed inputs stand in for them).
+STRUCTURE_WEIGHT_MIN_BYTES = 4096
+
+
+def structure_proto(model: Model, *, value_info: bool = True) -> onnx.ModelProto:
+    """The model without the bytes of its big weights, which become typed graph inputs.
+
+    All that shape inference and onnx.checker need, built without copying a weight: checking the
+    written file instead would make the checker parse every weight again.
+    """
+    exported = export(model)
+    proto = exported.proto
+    if not value_info:
+        del proto.graph.value_info[:]
+    listed = {i.name for i in proto.graph.input}
+    for tensor in exported.initializers():
+        nbytes = _tensor_nbytes(tensor)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or (nbytes is not None and nbytes >= STRUCTURE_WEIGHT_MIN_BYTES):
+            if tensor.name not in listed:
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            proto.graph.initializer.append(tensor)
+    # Typed inputs standing in for initializers are only valid from IR 4 on.
+    proto.ir_version = max(proto.ir_version, 4)
+    return proto
+
+
 def to_proto(model: Model) -> onnx.ModelProto:
     """The model as one ModelProto (this copies every weight into it; `save` streams instead)."""
     exported = export(model)
@@ -651,7 +678,13 @@ def save(
     if path.exists() and not path.is_file():
         # The rename below would replace a directory entry like /dev/full, not write into it.
         raise GraphoptError(f"cannot write {path}: it is not a regular file")
-    exported = export(model) if isinstance(model, Model) else None
+    exported = None
+    if isinstance(model, Model):
+        try:
+            check(structure_proto(model))
+        except GraphoptError as exc:
+            raise GraphoptError(f"refusing to write an invalid model (a graphopt bug): {exc}") from None
+        exported = export(model)
     if external_data is None:
         external_data = approx_nbytes(model) > PROTOBUF_LIMIT_BYTES
     data_name = path.name + ".data"
@@ -686,10 +719,11 @@ def save(
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
-        try:
-            check(None, tmp_model)
-        except GraphoptError as exc:
-            raise GraphoptError(f"refusing to write an invalid model (a graphopt bug): {exc}") from None
+        if exported is None:  # a ModelProto from elsewhere: check what was written
+            try:
+                check(None, tmp_model)
+            except GraphoptError as exc:
+                raise GraphoptError(f"refusing to write an invalid model (a graphopt bug): {exc}") from None
         if validate is not None:
             validate(tmp_model)
         size = sum(p.stat().st_size for p in tmp_dir.iterdir())
