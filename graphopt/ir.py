@@ -533,7 +533,8 @@ def export(model: Model) -> Exported:
 # appended one by one.
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_EXTERNAL_ALIGNMENT = 64
+# Page-aligned offsets, so a runtime may map a tensor straight from the data file.
+_EXTERNAL_ALIGNMENT = 4096
 
 
 def _varint(value: int) -> bytes:
