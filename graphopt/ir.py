@@ -264,7 +264,7 @@ def approx_nbytes(model: Model | onnx.ModelProto) -> int:
     total = 0
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         total += (_tensor_nbytes(tensor) or 0) + 64
-    return total + 128 * sum(1 for _ in _all_nodes(model.graph))
+    return total + 128 * sum(1 for _ in all_nodes(model.graph))
 
 
 def from_proto(proto: onnx.ModelProto, *, fold_input_defaults: bool = False) -> Model:
@@ -510,7 +510,7 @@ def export(model: Model) -> Exported:
     proto = onnx.helper.make_model(onnx_graph, functions=model.functions)
     del proto.opset_import[:]
     # New nodes from a domain the model did not import get version 1 of it; known domains keep theirs.
-    for node in _all_nodes(onnx_graph):
+    for node in all_nodes(onnx_graph):
         domain = node.domain
         if domain not in model.opset_imports and not (domain in DEFAULT_DOMAINS and _has_default(model)):
             model.opset_imports[domain] = 1
@@ -646,15 +646,16 @@ def _has_default(model: Model) -> bool:
     return any(d in model.opset_imports for d in DEFAULT_DOMAINS)
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of a GraphProto, those of its subgraphs (at any depth) included."""
     for node in graph.node:
         yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
+                yield from all_nodes(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _all_nodes(sub)
+                    yield from all_nodes(sub)
 
 
 def save(

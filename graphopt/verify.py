@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from graphopt.errors import GraphoptError, one_line
 
-from graphopt.ir import PROTOBUF_LIMIT_BYTES, approx_nbytes  # a model over the limit reaches ORT only as a file
+from graphopt.ir import PROTOBUF_LIMIT_BYTES, all_nodes, approx_nbytes  # over the limit: ORT gets a file
 
 # onnxruntime's own logger prints errors (coloured, multi-line) before raising them to us; the
 # exception carries the same text, which we report in one line.
@@ -216,15 +216,6 @@ def _param_value(param: str, dim_values: dict[str, int], batch: int, leading_par
     return DEFAULT_DIM
 
 
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_nodes(g)
 
 
 def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
@@ -235,7 +226,11 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
         # Inference serializes the model; over the protobuf limit it cannot, so rely on initializers.
         if approx_nbytes(model) > PROTOBUF_LIMIT_BYTES:
             raise ValueError("too large for shape inference")
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        try:
+            # data_prop: the shape a Shape->Gather->Concat->Reshape chain computes is known too
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        except Exception:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         # Graph outputs too: a value that is an output is in graph.output, not in value_info. The
         # first entry of a name wins: an input passed through as an output may be declared vaguer there.
         for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
@@ -351,7 +346,7 @@ def make_inputs(
                 leading_params.add(d0.dim_param)
 
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in _all_nodes(graph):
+    for node in all_nodes(graph):
         for i, name in enumerate(node.input):
             if name:
                 consumers.setdefault(name, []).append((node, i))
@@ -490,7 +485,7 @@ def _unregistered_op_node(model: onnx.ModelProto | str | os.PathLike, message: s
         proto = _as_proto(model)
     except GraphoptError:
         return None
-    for node in _all_nodes(proto.graph):
+    for node in all_nodes(proto.graph):
         if node.op_type == op and node.domain in ((domain,) if domain not in ("", "ai.onnx") else ("", "ai.onnx")):
             return node.name or f"{domain}:{op}"
     return None

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import models
+from bad_inputs.generate import small_model
 
 EXIT_BAD_INPUT = 2
 OUT_ARGS = ["-o", "out.onnx", "--report", "report.json"]
@@ -72,36 +72,15 @@ def _expect_bad_input(cli, work: Path, args: list, *, inputs: list[Path] = (), m
     return line
 
 
-def _small_model(opset: int = 17) -> onnx.ModelProto:
-    """y = relu(x @ W + b), with W and b as initializers."""
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")
-    b = numpy_helper.from_array(rng.standard_normal((4,)).astype(np.float32), "b")
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "W"], ["xw"], name="matmul"),
-            helper.make_node("Add", ["xw", "b"], ["xwb"], name="add"),
-            helper.make_node("Relu", ["xwb"], ["y"], name="relu"),
-        ],
-        "small",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        initializer=[w, b],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8  # onnx's default can be newer than the installed onnxruntime reads
-    return model
-
-
 def _save_small(path: Path) -> Path:
-    onnx.save_model(_small_model(), str(path))
+    onnx.save_model(small_model(), str(path))
     return path
 
 
 def _save_external(path: Path) -> tuple[Path, Path]:
     """The small model with every initializer in `w.data` beside it."""
     onnx.save_model(
-        _small_model(),
+        small_model(),
         str(path),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
@@ -190,13 +169,13 @@ def test_truncated_model(cli_narrow, work, bert_bytes):
 
 
 def _unknown_op_model() -> onnx.ModelProto:
-    model = _small_model()
+    model = small_model()
     model.graph.node[2].op_type = "NoSuchOp"
     return model
 
 
 def _undefined_input_model() -> onnx.ModelProto:
-    model = _small_model()
+    model = small_model()
     model.graph.node[2].input[0] = "ghost"  # produced by no node, not an input or initializer
     return model
 
@@ -217,7 +196,7 @@ def test_model_fails_onnx_checker(cli_narrow, work, build, mention):
 
 def test_opset_newer_than_onnxruntime(cli_narrow, work):
     path = work / "opset30.onnx"
-    onnx.save_model(_small_model(opset=30), str(path))
+    onnx.save_model(small_model(opset=30), str(path))
     line = _expect_bad_input(cli_narrow, work, ["run", path.name, *OUT_ARGS], inputs=[path])
     assert "opset" in line and "30" in line, line
 

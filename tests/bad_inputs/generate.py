@@ -57,7 +57,7 @@ class Case:
 # Models
 
 
-def _small_model(opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
+def small_model(opset: int = 17, ir_version: int = 8) -> onnx.ModelProto:
     """y = relu(x @ W + b): nodes 'matmul', 'add', 'relu'; initializers W [4,4] and b [4]."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")
@@ -125,7 +125,7 @@ def _save_external(path: Path, location: str = "w.data") -> Path:
     """The small model with every initializer in the file `location` beside it; returns the data file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(
-        _small_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
+        small_model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
     )
     return path.parent / location
 
@@ -285,7 +285,7 @@ def _cycle(folder: Path, name: str) -> Case:
 
 @_case("dangling-input")
 def _dangling(folder: Path, name: str) -> Case:
-    model = _small_model()
+    model = small_model()
     model.graph.node[2].input[0] = "ghost_tensor"  # produced by no node, not an input or initializer
     return _small_case(folder, name, model, "ghost_tensor", "relu")
 
@@ -327,7 +327,7 @@ _case("unknown-domain-not-imported")(_unknown_domain(False))
 
 @_case("opset-too-new")
 def _opset_too_new(folder: Path, name: str) -> Case:
-    return _small_case(folder, name, _small_model(opset=99), "opset 99")
+    return _small_case(folder, name, small_model(opset=99), "opset 99")
 
 
 # --- external data
@@ -394,21 +394,21 @@ def _fifo_inside(folder: Path, name: str) -> Case:
 @_case("input-shape-contradicts-initializer")
 def _input_vs_initializer(folder: Path, name: str) -> Case:
     # W is a graph input with a default (IR >= 4) declared [3, 3] while its initializer is [4, 4].
-    model = _small_model()
+    model = small_model()
     model.graph.input.append(_vi("W", [3, 3]))
     return _small_case(folder, name, model, "'W'", "[3, 3]", "[4, 4]")
 
 
 @_case("value-info-contradicts-initializer")
 def _value_info_vs_initializer(folder: Path, name: str) -> Case:
-    model = _small_model()
+    model = small_model()
     model.graph.value_info.append(_vi("b", [7]))  # the initializer b is [4]
     return _small_case(folder, name, model, "'b'", "[7]", "[4]")
 
 
 @_case("value-info-contradicts-dtype")
 def _value_info_dtype(folder: Path, name: str) -> Case:
-    model = _small_model()
+    model = small_model()
     model.graph.value_info.append(_vi("W", [4, 4], TensorProto.INT64))  # the initializer W is float
     return _small_case(folder, name, model, "'W'", "int64", "float")
 
@@ -479,7 +479,7 @@ _INVALID_UTF8 = b"\xff\xfe"
 
 @_case("non-utf8-node-name")
 def _non_utf8_node(folder: Path, name: str) -> Case:
-    model = _small_model()
+    model = small_model()
     model.graph.node[1].name = "add_NAME_PLACEHOLDER"
     data = _replace_bytes(model.SerializeToString(), b"NAME_PLACEHOLDER", b"NAME_PLACEHOLD" + _INVALID_UTF8)
     return _small_case(folder, name, data, "UTF-8", "node 'add_NAME_PLACEHOLD")
@@ -487,7 +487,7 @@ def _non_utf8_node(folder: Path, name: str) -> Case:
 
 @_case("non-utf8-tensor-name")
 def _non_utf8_tensor(folder: Path, name: str) -> Case:
-    model = _small_model()
+    model = small_model()
     # Rename the tensor between add and relu everywhere it appears (node output, node input).
     model.graph.node[1].output[0] = "TENSOR_PLACEHOLDER"
     model.graph.node[2].input[0] = "TENSOR_PLACEHOLDER"
@@ -497,7 +497,7 @@ def _non_utf8_tensor(folder: Path, name: str) -> Case:
 
 @_case("non-utf8-initializer-name")
 def _non_utf8_initializer(folder: Path, name: str) -> Case:
-    model = _small_model()
+    model = small_model()
     model.graph.initializer[1].name = "INIT_PLACEHOLDER"
     model.graph.node[1].input[1] = "INIT_PLACEHOLDER"
     data = _replace_bytes(model.SerializeToString(), b"INIT_PLACEHOLDER", b"INIT_PLACEHOLDE\x80")
@@ -509,14 +509,14 @@ def _non_utf8_initializer(folder: Path, name: str) -> Case:
 
 @_case("output-is-input")
 def _output_is_input(folder: Path, name: str) -> Case:
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     args = _run(name, "model.onnx", out=f"{name}/model.onnx")
     return Case(name, args, "file of the input model", protected=(f"{name}/model.onnx",))
 
 
 @_case("output-is-input-dotted")
 def _output_is_input_dotted(folder: Path, name: str) -> Case:
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     (folder / name / "sub").mkdir()
     args = _run(name, "model.onnx", out=f"{name}/sub/../model.onnx")
     return Case(name, args, "file of the input model", protected=(f"{name}/model.onnx",))
@@ -525,7 +525,7 @@ def _output_is_input_dotted(folder: Path, name: str) -> Case:
 @_case("output-folder-is-a-file")
 def _output_in_file(folder: Path, name: str) -> Case:
     # A regular file used as a folder: no one, root included, can create a file inside it.
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     _write(folder / name / "file.onnx", b"just a file\n")
     return Case(
         name,
@@ -539,7 +539,7 @@ def _output_in_file(folder: Path, name: str) -> Case:
 @_case("report-folder-is-a-file")
 def _report_in_file(folder: Path, name: str) -> Case:
     # Found before any work: the output must not be written when the report cannot be.
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     _write(folder / name / "file.json", b"{}\n")
     args = ("run", f"{name}/model.onnx", "-o", f"{name}/{OUT}", "--report", f"{name}/file.json/report.json")
     protected = (f"{name}/model.onnx", f"{name}/file.json")
@@ -548,14 +548,14 @@ def _report_in_file(folder: Path, name: str) -> Case:
 
 @_case("report-folder-missing")
 def _report_folder_missing(folder: Path, name: str) -> Case:
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     args = ("run", f"{name}/model.onnx", "-o", f"{name}/{OUT}", "--report", f"{name}/no-such-folder/report.json")
     return Case(name, args, "does not exist", protected=(f"{name}/model.onnx",), mentions=(f"{name}/no-such-folder",))
 
 
 @_case("dump-ir-folder-inside-a-file")
 def _dump_ir_in_file(folder: Path, name: str) -> Case:
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     _write(folder / name / "file.onnx", b"just a file\n")
     args = _run(name, "model.onnx", "--dump-ir", f"{name}/file.onnx/ir")
     return Case(name, args, "dump", protected=(f"{name}/model.onnx", f"{name}/file.onnx"), mentions=(f"{name}/file.onnx/ir",))
@@ -563,7 +563,7 @@ def _dump_ir_in_file(folder: Path, name: str) -> Case:
 
 @_case("output-folder-read-only")
 def _output_read_only(folder: Path, name: str) -> Case:
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     ro = folder / name / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -582,7 +582,7 @@ def _output_read_only(folder: Path, name: str) -> Case:
 @_case("output-in-proc")
 def _output_in_proc(folder: Path, name: str) -> Case:
     # procfs refuses new files even to root.
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     skip = None if Path("/proc/self").is_dir() else "no /proc on this system"
     args = _run(name, "model.onnx", out="/proc/self/out.onnx")
     return Case(name, args, "/proc/self/out.onnx", protected=(f"{name}/model.onnx",), skip=skip)
@@ -591,7 +591,7 @@ def _output_in_proc(folder: Path, name: str) -> Case:
 @_case("output-is-dev-full")
 def _output_dev_full(folder: Path, name: str) -> Case:
     # A device is not a file graphopt may replace (the write goes to a temporary file and a rename).
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     skip = None if Path("/dev/full").exists() else "no /dev/full on this system"
     args = _run(name, "model.onnx", out="/dev/full")
     return Case(name, args, "not a regular file", protected=(f"{name}/model.onnx",), mentions=("/dev/full",), skip=skip)
@@ -599,7 +599,7 @@ def _output_dev_full(folder: Path, name: str) -> Case:
 
 @_case("report-is-dev-full")
 def _report_dev_full(folder: Path, name: str) -> Case:
-    _write(folder / name / "model.onnx", _small_model())
+    _write(folder / name / "model.onnx", small_model())
     skip = None if Path("/dev/full").exists() else "no /dev/full on this system"
     args = ("run", f"{name}/model.onnx", "-o", f"{name}/{OUT}", "--report", "/dev/full")
     return Case(name, args, "not a regular file", protected=(f"{name}/model.onnx",), mentions=("/dev/full",), skip=skip)

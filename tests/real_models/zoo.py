@@ -44,6 +44,8 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
+from graphopt import ir
+
 Feeds = dict[str, np.ndarray]
 
 
@@ -114,7 +116,7 @@ def _built(name: str):
 def opset_summary(model: onnx.ModelProto) -> str:
     """"15", or "15 +ml1 +ms1" with the other domains the model imports and uses."""
     default = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    used = {n.domain for n in _all_nodes(model.graph)}
+    used = {n.domain for n in ir.all_nodes(model.graph)}
     short = {"ai.onnx.ml": "ml", "com.microsoft": "ms"}
     extra = [
         f"+{short.get(o.domain, o.domain)}{o.version}"
@@ -124,14 +126,6 @@ def opset_summary(model: onnx.ModelProto) -> str:
     return " ".join([str(default)] + extra)
 
 
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
 
 
 # ---------------------------------------------------------------------------------------------
