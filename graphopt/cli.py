@@ -242,8 +242,12 @@ def _print_report(report) -> None:
     table.add_column("change", justify="right")
     table.add_row("nodes", str(b.nodes), str(a.nodes), _change(b.nodes, a.nodes))
     table.add_row("parameters", _human(b.parameters), _human(a.parameters), _change(b.parameters, a.parameters))
-    flops_note = "" if a.flops_exact else " (lower bound)"
-    table.add_row("FLOPs", _human(b.flops), _human(a.flops) + flops_note, _change(b.flops, a.flops))
+    # Unknown shapes (symbolic dims, shapes computed at run time) leave some nodes uncounted.
+    def flops(stats) -> str:
+        return _human(stats.flops) + ("" if stats.flops_exact else " (lower bound)")
+
+    both_exact = a.flops_exact and b.flops_exact
+    table.add_row("FLOPs", flops(b), flops(a), _change(b.flops, a.flops) if both_exact else "-")
     table.add_row("model size", _bytes(report.bytes_before), _bytes(report.bytes_after), _change(report.bytes_before, report.bytes_after))
     console.print(table)
 
