@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import F, I64, const, make_model, op_types, optimize_checked
+from helpers import F, const, copy, make_model, op_types, optimize_checked
 from onnx import helper
 
 from graphopt import ir
@@ -428,19 +428,17 @@ def test_digits_accuracy_is_unchanged():
     assert (after == labels).mean() >= 0.9
 
 
-def test_pipeline_is_idempotent_and_deterministic():
+@pytest.mark.parametrize(
+    "name",
+    ["bert_tiny", "resnet18", "mobilenetv2", "digits_cnn", pytest.param("resnet50", marks=pytest.mark.slow), pytest.param("bert_base", marks=pytest.mark.slow)],
+)
+def test_pipeline_is_idempotent_and_deterministic(name):
     from graphopt import models
     from graphopt.optimize import optimize
 
-    first, _ = optimize(models.load("bert_tiny"), opt_level=3)
-    second, _ = optimize(models.load("bert_tiny"), opt_level=3)
+    first, _ = optimize(models.load(name), opt_level=3)
+    second, _ = optimize(models.load(name), opt_level=3)
     assert first.SerializeToString() == second.SerializeToString()
-    again, report = optimize(helpers_copy(first), opt_level=3)
+    again, report = optimize(copy(first), opt_level=3)
     assert again.SerializeToString() == first.SerializeToString()
     assert not any(r.changed for r in report.passes)
-
-
-def helpers_copy(model):
-    from helpers import copy
-
-    return copy(model)
