@@ -953,9 +953,12 @@ def remove_nodes(graph: gs.Graph, dead: list[gs.Node]) -> None:
     """
     if not dead:
         return
-    dead_ids = {id(n) for n in dead}
+    # Nodes inside the bodies of a dead If/Loop/Scan die with it: they must stop counting as
+    # consumers of the outer values they read, or those values look used forever.
+    everything = list(_with_nested(dead))
+    dead_ids = {id(n) for n in everything}
     touched: dict[int, gs.Tensor] = {}
-    for node in dead:
+    for node in everything:
         for t in list(node.inputs) + list(node.outputs):
             touched[id(t)] = t
         list.clear(node.inputs)
@@ -964,6 +967,13 @@ def remove_nodes(graph: gs.Graph, dead: list[gs.Node]) -> None:
         list.__setitem__(t.outputs, slice(None), [n for n in t.outputs if id(n) not in dead_ids])
         list.__setitem__(t.inputs, slice(None), [n for n in t.inputs if id(n) not in dead_ids])
     graph.nodes = [n for n in graph.nodes if id(n) not in dead_ids]
+
+
+def _with_nested(nodes: list[gs.Node]) -> Iterator[gs.Node]:
+    for node in nodes:
+        yield node
+        for sub in subgraphs_of(node):
+            yield from _with_nested(sub.nodes)
 
 
 def outer_uses(node: gs.Node) -> list[gs.Tensor]:

@@ -212,3 +212,152 @@ def test_empty_ints_attribute_survives_import_and_export():
     reduce = next(n for n in optimized.graph.node if n.op_type == "ReduceMax")
     axes = next(a for a in reduce.attribute if a.name == "axes")
     assert axes.type == onnx.AttributeProto.INTS and list(axes.ints) == []
+
+
+# --- Found by the property-based fuzzer (tests/test_fuzz.py) -----------------------------------
+
+
+def _fuzz_optimized(model: onnx.ModelProto, inputs: dict) -> onnx.ModelProto:
+    from graphopt import verify
+
+    optimized = _optimized(model)
+    onnx.shape_inference.infer_shapes(optimized, strict_mode=True)
+    fidelity = verify.verify(model, optimized, inputs=inputs, rtol=1e-4, atol=1e-5)
+    assert fidelity.ok, fidelity.to_dict()
+    return optimized
+
+
+def test_fuzz_generated_gather_indices_stay_in_range_when_the_data_is_a_graph_output():
+    # make_inputs bounds integer inputs that index a Gather by the gathered axis, but looked the data's
+    # shape up in value_info and graph inputs only: a graph output's shape is in graph.output, so the
+    # indices came from [0, 10) and onnxruntime refused them.
+    from graphopt import verify
+
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Gather", ["r", "idx"], ["y"])],
+        [helper.make_tensor_value_info("x", F, [3, 2]), helper.make_tensor_value_info("idx", I64, [4])],
+        [helper.make_tensor_value_info("y", F, [4, 2]), helper.make_tensor_value_info("r", F, [None, None])],
+    )
+    for seed in range(10):
+        inputs = verify.make_inputs(model, seed=seed)
+        assert 0 <= inputs["idx"].min() and inputs["idx"].max() < 3
+    _fuzz_optimized(model, verify.make_inputs(model))
+
+
+def test_fuzz_generated_gather_indices_stay_in_range_when_the_data_is_an_input_passed_through():
+    # The input x is also a graph output, declared there with an unknown dim. Reading graph outputs
+    # (the fix above) first let that vaguer entry replace the input's shape, losing the bound again.
+    from graphopt import verify
+
+    model = make_model(
+        [helper.make_node("Gather", ["x", "idx"], ["g"]), helper.make_node("Relu", ["g"], ["y"])],
+        [helper.make_tensor_value_info("x", F, [1]), helper.make_tensor_value_info("idx", I64, [1])],
+        [helper.make_tensor_value_info("y", F, [1]), helper.make_tensor_value_info("x", F, [None])],
+        opset=13,
+    )
+    for seed in range(10):
+        assert verify.make_inputs(model, seed=seed)["idx"].tolist() == [0]
+    _fuzz_optimized(model, verify.make_inputs(model))
+
+
+def test_fuzz_scalar_outputs_compare():
+    # compare() indexed the element-wise difference, which numpy returns as a scalar for 0-d
+    # arrays: TypeError 'numpy.float64' object does not support item assignment.
+    from graphopt import verify
+
+    one, other = np.array(0.27392337, np.float32), np.array(0.5, np.float32)
+    assert verify.compare({"y": one}, {"y": one.copy()}).ok
+    fidelity = verify.compare({"y": one}, {"y": other})
+    assert not fidelity.ok and fidelity.outputs[0].mismatched == 1
+    assert verify.compare({"n": np.array(3, np.int64)}, {"n": np.array(3, np.int64)}).ok
+
+    # the fuzzer's model: a scalar initializer that is also a graph output
+    model = make_model(
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        [helper.make_tensor_value_info("x", F, [1])],
+        [helper.make_tensor_value_info("y", F, [None]), helper.make_tensor_value_info("c", F, [])],
+        [const("c", np.array(0.27392337, np.float32))],
+        opset=13,
+    )
+    _fuzz_optimized(model, {"x": np.array([0.5], np.float32)})
+
+
+def test_fuzz_o3_is_idempotent_with_several_input_defaults():
+    # Initializers that are also graph inputs (overridable defaults) were written back in reverse
+    # order, so every run of -O3 flipped them and a second run never reached a fixed point.
+    model = make_model(
+        [
+            helper.make_node("Add", ["x", "a"], ["s"]),
+            helper.make_node("Mul", ["s", "b"], ["y"]),
+        ],
+        [
+            helper.make_tensor_value_info("x", F, [2]),
+            helper.make_tensor_value_info("a", F, [2]),
+            helper.make_tensor_value_info("b", F, []),
+        ],
+        [helper.make_tensor_value_info("y", F, [2])],
+        [const("a", np.array([-0.5, 0.5], np.float32)), const("b", np.array(0.8, np.float32))],
+    )
+    once = _fuzz_optimized(model, {"x": np.array([1.0, 2.0], np.float32)})
+    assert [t.name for t in once.graph.initializer] == ["a", "b"]
+    assert [i.name for i in once.graph.input] == ["x", "a", "b"]
+    twice = _optimized(once)
+    assert twice.SerializeToString() == once.SerializeToString()
+
+
+def test_fuzz_generated_gather_indices_stay_in_range_when_the_data_shape_is_computed():
+    # The gathered tensor is a Reshape whose target a Shape->Gather->Unsqueeze->Concat chain
+    # computes: only shape inference with data propagation knows its shape, and make_inputs ran
+    # inference without it.
+    from graphopt import verify
+
+    model = make_model(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "zero"], ["n"]),
+            helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+            helper.make_node("Concat", ["n1", "minus_one"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["r"]),
+            helper.make_node("Gather", ["r", "idx"], ["y"], axis=1),
+        ],
+        [helper.make_tensor_value_info("x", F, [2, 3]), helper.make_tensor_value_info("idx", I64, [4])],
+        [helper.make_tensor_value_info("y", F, [2, 4])],
+        [
+            const("zero", np.array(0, np.int64)),
+            const("axes", np.array([0], np.int64)),
+            const("minus_one", np.array([-1], np.int64)),
+        ],
+    )
+    for seed in range(10):
+        inputs = verify.make_inputs(model, seed=seed)
+        assert 0 <= inputs["idx"].min() and inputs["idx"].max() < 3
+    _fuzz_optimized(model, verify.make_inputs(model))
+
+
+def test_removing_a_dead_if_releases_the_outer_values_its_branches_read():
+    """Found by fuzzing: a dead If's branch nodes still counted as consumers of an outer value, so a
+    LayerNorm over that value fused only on a second -O3 run (the pipeline was not idempotent)."""
+
+    def branch(name):
+        out = f"{name}_out"
+        return helper.make_graph([helper.make_node("Relu", ["d"], [out])], name, [], [helper.make_tensor_value_info(out, F, [1, 4])])
+
+    model = make_model(
+        [
+            helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+            helper.make_node("Sub", ["x", "mean"], ["d"]),
+            helper.make_node("Mul", ["d", "d"], ["sq"]),
+            helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+            helper.make_node("Add", ["var", "eps"], ["ve"]),
+            helper.make_node("Sqrt", ["ve"], ["std"]),
+            helper.make_node("Div", ["d", "std"], ["y"]),
+            helper.make_node("If", ["cond"], ["dead"], then_branch=branch("then"), else_branch=branch("else")),
+        ],
+        [helper.make_tensor_value_info("x", F, [1, 4])],
+        [helper.make_tensor_value_info("y", F, [1, 4])],
+        [const("eps", np.array(1e-5, np.float32)), const("cond", np.array(True))],
+    )
+    first, _ = optimize(copy(model), opt_level=3)
+    assert [n.op_type for n in first.graph.node] == ["LayerNormalization"]
+    again, _ = optimize(copy(first), opt_level=3)
+    assert again.SerializeToString() == first.SerializeToString()

@@ -1,0 +1,1 @@
+"""Property-based fuzzing of the optimizer: hypothesis strategies that build random valid ONNX models."""
