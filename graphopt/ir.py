@@ -326,19 +326,10 @@ for _kind, _field in {
 def _keep_value_types(proto_graph: onnx.GraphProto, graph: gs.Graph) -> None:
     types: dict[str, onnx.TypeProto] = {}
 
-    def collect(g: onnx.GraphProto) -> None:
+    for g in all_graphs(proto_graph):
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.type.WhichOneof("value") not in (None, "tensor_type"):
                 types[vi.name] = vi.type
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    collect(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        collect(sub)
-
-    collect(proto_graph)
     if not types:
         return
     for g in [graph, *subgraphs_below(graph)]:
@@ -646,16 +637,22 @@ def _has_default(model: Model) -> bool:
     return any(d in model.opset_imports for d in DEFAULT_DOMAINS)
 
 
-def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of a GraphProto, those of its subgraphs (at any depth) included."""
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A GraphProto and every subgraph below it (If/Loop/Scan bodies, at any depth)."""
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from all_nodes(attr.g)
+                yield from all_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from all_nodes(sub)
+                    yield from all_graphs(sub)
+
+
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of a GraphProto, those of its subgraphs (at any depth) included."""
+    for g in all_graphs(graph):
+        yield from g.node
 
 
 def save(

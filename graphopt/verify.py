@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from graphopt.errors import GraphoptError, one_line
 
-from graphopt.ir import PROTOBUF_LIMIT_BYTES, all_nodes, approx_nbytes  # over the limit: ORT gets a file
+from graphopt.ir import PROTOBUF_LIMIT_BYTES, all_graphs, all_nodes, approx_nbytes  # over the limit: ORT gets a file
 
 # onnxruntime's own logger prints errors (coloured, multi-line) before raising them to us; the
 # exception carries the same text, which we report in one line.
@@ -241,7 +241,7 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     except Exception:
         pass
 
-    def add_graph(g: onnx.GraphProto) -> None:
+    for g in all_graphs(model.graph):
         for t in g.initializer:
             shapes[t.name] = tuple(t.dims)
         for n in g.node:
@@ -249,14 +249,6 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
                 for a in n.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         shapes[n.output[0]] = tuple(a.t.dims)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    add_graph(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        add_graph(sg)
-
-    add_graph(model.graph)
     return shapes
 
 

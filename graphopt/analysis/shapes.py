@@ -36,17 +36,11 @@ def infer_shapes(model: ir.Model, ctx=None) -> dict[str, tuple]:
 
 
 def _collect(graph: onnx.GraphProto, out: dict[str, tuple]) -> None:
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        parsed = _parse(vi)
-        if parsed is not None:
-            out[vi.name] = parsed
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _collect(attr.g, out)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _collect(sub, out)
+    for g in ir.all_graphs(graph):
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            parsed = _parse(vi)
+            if parsed is not None:
+                out[vi.name] = parsed
 
 
 def _parse(vi: onnx.ValueInfoProto):
