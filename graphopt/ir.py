@@ -612,7 +612,10 @@ def structure_proto(model: Model, *, value_info: bool = True) -> onnx.ModelProto
     exported = export(model)
     proto = exported.proto
     if not value_info:
-        del proto.graph.value_info[:]
+        # In subgraphs too: a body records the outer values it reads, and those records go stale
+        # (and would override what inference finds for the outer graph) just the same.
+        for graph in all_graphs(proto.graph):
+            del graph.value_info[:]
     listed = {i.name for i in proto.graph.input}
     for tensor in exported.initializers():
         nbytes = _tensor_nbytes(tensor)

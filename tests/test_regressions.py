@@ -361,3 +361,37 @@ def test_removing_a_dead_if_releases_the_outer_values_its_branches_read():
     assert [n.op_type for n in first.graph.node] == ["LayerNormalization"]
     again, _ = optimize(copy(first), opt_level=3)
     assert again.SerializeToString() == first.SerializeToString()
+
+
+def test_fuzz_outer_value_read_by_a_branch_keeps_its_inferred_shape():
+    # gs records an outer value a branch reads as value_info of the branch, with the shape the
+    # tensor had on import (here the graph output's vague declaration). The shapes analysis dropped
+    # only the main graph's value_info, so that stale record overrode the shape inference found:
+    # Shape(r) folded only on a second -O3 run, after the dead If had gone.
+    def branch(name, op):
+        out = f"{name}_out"
+        return helper.make_graph([helper.make_node(op, ["r"], [out])], name, [], [helper.make_tensor_value_info(out, F, None)])
+
+    model = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("If", ["cond"], ["dead"], then_branch=branch("then", "Relu"), else_branch=branch("else", "Identity")),
+            helper.make_node("Shape", ["r"], ["s"]),
+            helper.make_node("Gather", ["s", "zero"], ["n"]),
+            helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+            helper.make_node("Concat", ["n1", "one"], ["target"], axis=0),
+            helper.make_node("Reshape", ["r", "target"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("x", F, [1, 1, 1])],
+        [helper.make_tensor_value_info("y", F, [None, None]), helper.make_tensor_value_info("r", F, [None, None, None])],
+        [
+            const("cond", np.array(False)),
+            const("zero", np.array(0, np.int64)),
+            const("axes", np.array([0], np.int64)),
+            const("one", np.array([1], np.int64)),
+        ],
+    )
+    first = _fuzz_optimized(model, {"x": np.array([[[0.5]]], np.float32)})
+    assert [n.op_type for n in first.graph.node] == ["Relu", "Reshape"]
+    again = _optimized(first)
+    assert again.SerializeToString() == first.SerializeToString()

@@ -729,8 +729,9 @@ class Builder:
         n = v.shape[axis]
         # Indices as a graph input: make_inputs bounds them by the gathered axis, which it must be able
         # to infer. onnx cannot follow a computed Reshape target before opset 14, nor a -1 in a target
-        # next to a symbolic dim.
-        feedable = self.scope.depth == 0 and (v.is_input or (self.opset >= 14 and not self.symbolic))
+        # next to a symbolic dim, nor always the shape of an If's output.
+        inferable = self.opset >= 14 and not self.symbolic and "if" not in self.blocks
+        feedable = self.scope.depth == 0 and (v.is_input or inferable)
         form = self.choice(["scalar", "vector", "input"] if feedable else ["scalar", "vector"])
         if form == "scalar" and v.rank == 1:
             form = "vector"
