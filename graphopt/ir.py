@@ -67,6 +67,17 @@ class Model:
         yield from subgraphs_below(self.graph)
 
 
+def used_constants(model: Model) -> Iterator[gs.Constant]:
+    """Each constant some node of the model reads, once (however many nodes share it)."""
+    seen: set[int] = set()
+    for graph in model.graphs():
+        for node in graph.nodes:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen.add(id(t))
+                    yield t
+
+
 def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
     graphs: list[gs.Graph] = []
     for value in node.attrs.values():
@@ -251,16 +262,9 @@ def check(proto: onnx.ModelProto | None, path: Path | None = None) -> None:
 def approx_nbytes(model: Model | onnx.ModelProto) -> int:
     """Serialized size, estimated from tensor shapes (exact ByteSize() costs a pass over every byte)."""
     if isinstance(model, Model):
-        seen: set[int] = set()
         total = sum(len(d.raw_data) for d in model.input_defaults.values())
-        for graph in model.graphs():
-            total += 128 * len(graph.nodes)
-            for node in graph.nodes:
-                for t in node.inputs:
-                    if isinstance(t, gs.Constant) and id(t) not in seen:
-                        seen.add(id(t))
-                        total += int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize + 64
-        return total
+        total += 128 * sum(len(graph.nodes) for graph in model.graphs())
+        return total + sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize + 64 for t in used_constants(model))
     total = 0
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         total += (_tensor_nbytes(tensor) or 0) + 64
@@ -772,15 +776,6 @@ def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
-def is_constant(tensor: gs.Tensor | None) -> bool:
-    if tensor is None:
-        return False
-    if isinstance(tensor, gs.Constant):
-        return True
-    node = producer(tensor)
-    return node is not None and node.op == "Constant" and constant_value(tensor) is not None
-
-
 def constant_bytes(tensor: gs.Constant) -> bytes:
     """The raw little-endian bytes of a constant, without caching a numpy copy on the tensor."""
     if isinstance(tensor._values, LazyValues):
@@ -940,10 +935,6 @@ class NameAllocator:
                 self._counters[base] = n
                 self._used.add(candidate)
                 return candidate
-
-
-def parameter_count(model: Model) -> int:
-    return sum(int(np.prod(t.shape)) for g in model.graphs() for t in g.tensors().values() if isinstance(t, gs.Constant))
 
 
 def remove_nodes(graph: gs.Graph, dead: list[gs.Node]) -> None:

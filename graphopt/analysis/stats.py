@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from graphopt import ir
 from graphopt.analysis.cost import graph_cost
@@ -34,15 +33,10 @@ def stats_analysis(model: ir.Model, ctx) -> ModelStats:
 def model_stats(model: ir.Model, symbolic_dims: dict[str, int] | None = None) -> ModelStats:
     """Figures from the shapes the tensors carry now (no new inference: cheap enough per pass)."""
     nodes = sum(len(g.nodes) for g in model.graphs())
-    seen: set[int] = set()
     params = param_bytes = 0
-    for graph in model.graphs():
-        for node in graph.nodes:
-            for t in node.inputs:
-                if isinstance(t, gs.Constant) and id(t) not in seen:
-                    seen.add(id(t))
-                    count = int(np.prod(t.shape))
-                    params += count
-                    param_bytes += count * np.dtype(t.dtype).itemsize
+    for t in ir.used_constants(model):
+        count = int(np.prod(t.shape))
+        params += count
+        param_bytes += count * np.dtype(t.dtype).itemsize
     cost = graph_cost(model.graph, symbolic_dims)
     return ModelStats(nodes, params, param_bytes, int(cost["flops"]), cost["unknown_nodes"] == 0)
