@@ -37,6 +37,12 @@ EXTERNAL_DATA_MIN_BYTES = 1024
 # gs leaves the domain of default-domain nodes as None.
 DEFAULT_DOMAINS = ("", "ai.onnx", None)
 
+# Ops whose result differs between two evaluations with equal inputs: never merged, folded, or
+# taken for constants.
+NONDETERMINISTIC_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+
 
 @dataclass
 class Model:

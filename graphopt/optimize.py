@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,11 +10,13 @@ from typing import Any
 import onnx
 
 from graphopt import ir
+from graphopt.analysis.shapes import resolve_shapes
 from graphopt.analysis.stats import ModelStats, model_stats
 from graphopt.errors import GraphoptError
 from graphopt.instruments import DumpIR, StatsDelta, VerifyEach
 from graphopt.pass_manager import PassContext, PassManager, PassRecord
 from graphopt.pipelines import build_pipeline
+from graphopt.specialize import Specialization
 
 
 @dataclass
@@ -30,12 +33,20 @@ class Report:
     seconds: float
     fidelity: Any = None  # graphopt.verify.Fidelity when verified
     rollbacks: list[tuple[str, str]] = field(default_factory=list)
+    specialization: Specialization = field(default_factory=Specialization)
+    # Where the result was written (set by whoever saves it).
+    output: str | None = None
+    # How verification got its inputs: {"source": "generated" | "given", "dims": {symbol: size}, "tries": n}.
+    verification_inputs: dict | None = None
 
     def to_dict(self) -> dict:
         return {
             "source": self.source,
+            "output": self.output,
+            "versions": versions(),
             "target": self.target,
             "opt_level": self.opt_level,
+            "specialization": self.specialization.to_dict(),
             "before": self.before.to_dict() | {"bytes": self.bytes_before},
             "after": self.after.to_dict() | {"bytes": self.bytes_after},
             "seconds": round(self.seconds, 4),
@@ -53,18 +64,36 @@ class Report:
             ],
             "rollbacks": [{"pass": p, "reason": why} for p, why in self.rollbacks],
             "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
+            "verification_inputs": self.verification_inputs,
         }
 
 
-def resolve_source(spec: str, files: set | None = None) -> tuple[onnx.ModelProto, str | None]:
+def versions() -> dict[str, str]:
+    """The versions a result depends on, for the report: graphopt and the libraries doing the work."""
+    import onnx_graphsurgeon
+    import onnxruntime
+
+    import graphopt
+
+    return {
+        "graphopt": graphopt.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx_graphsurgeon": onnx_graphsurgeon.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def resolve_source(spec: str, files: set | None = None, notify=None) -> tuple[onnx.ModelProto, str | None]:
     """A model from `zoo:NAME` or a file path; returns the proto and the file path (None for zoo).
 
-    `files` receives the paths of the files a model on disk consists of (see ir.load_proto).
+    `files` receives the paths of the files a model on disk consists of (see ir.load_proto);
+    `notify(text)` hears of slow first-time work (a zoo model trained before its first use).
     """
     if spec.startswith("zoo:"):
         from graphopt import models
 
-        return models.load(spec[4:]), None
+        return models.load(spec[4:], notify=notify), None
     return ir.load_proto(spec, files=files), spec
 
 
@@ -81,6 +110,7 @@ def optimize_model(
     opt_level: int = 2,
     passes: list[str] | None = None,
     disabled: list[str] | None = None,
+    cleanup: bool = True,
     options: dict[str, Any] | None = None,
     verify_each: bool = False,
     verify_inputs: dict | None = None,
@@ -88,16 +118,21 @@ def optimize_model(
     fold_input_defaults: bool = False,
     source: str = "<model>",
     reference: onnx.ModelProto | str | None = None,
+    specialization: Specialization | None = None,
+    instruments: list | None = None,
 ) -> tuple[ir.Model, Report]:
     """Optimize a model into graphopt's IR, ready for `ir.save` (which streams it to disk).
 
     `proto` is consumed (its tensors move into the result); pass `reference` (a copy or the file
-    path) to verify against the original.
+    path) to verify against the original. `cleanup` ends a custom `passes` list with dce (see
+    pipelines.build_pipeline). `specialization` is what `specialize.specialize_proto`
+    did to `proto` beforehand, for the report. `instruments` join the pass manager's (progress,
+    for example).
     """
     from graphopt import targets
 
     tgt = targets.get(target)
-    pipeline = build_pipeline(opt_level, tgt, only=passes, disabled=disabled)
+    pipeline = build_pipeline(opt_level, tgt, only=passes, disabled=disabled, cleanup=cleanup)
     bytes_before = ir.approx_nbytes(proto)
     opset = next((v for d, v in ((i.domain, i.version) for i in proto.opset_import) if d in ir.DEFAULT_DOMAINS), None)
     if opset is not None and opset > tgt.max_opset:
@@ -110,9 +145,12 @@ def optimize_model(
     ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}))
     ctx.analysis("shapes")
     ir.check_shapes(model)
+    # The original's cost is reported from the shapes folding reveals, as `inspect` reports it.
+    resolve_shapes(model)
     before = model_stats(model, ctx.options.get("symbolic_dims"))
     deltas = StatsDelta()
     ctx.instruments.append(deltas)
+    ctx.instruments.extend(instruments or ())
     verifier = None
     if verify_each:
         from graphopt import verify
@@ -143,5 +181,6 @@ def optimize_model(
         pass_deltas=deltas.deltas,
         seconds=seconds,
         rollbacks=verifier.rollbacks if verifier else [],
+        specialization=specialization or Specialization(),
     )
     return model, report

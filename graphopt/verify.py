@@ -14,23 +14,32 @@ Decisions worth knowing (also in the docstrings below):
   outputs are compared exactly; rtol/atol do not apply to them.
 * An output whose dtype changed is reported as not within tolerance even when the values agree:
   the optimized model must keep the original's interface.
+* Generated inputs need sizes for symbolic dims, and many models run only on some (a reflect Pad
+  longer than the input, skip connections that line up only when H and W divide by 32):
+  ``find_inputs`` tries make_inputs' sizes first, then sizes the graph hints at, then a ladder of
+  common sizes, all in one ORT session, and reports the sizes it used.
 * In ``to_dict`` non-finite floats become the strings "inf", "-inf" and "nan", so the result is
   strict JSON (``json.dumps(..., allow_nan=False)`` works).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from graphopt.errors import GraphoptError, one_line
 
@@ -177,7 +186,7 @@ def _elem_type(vi: onnx.ValueInfoProto) -> int:
 def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
     et = _elem_type(vi)
     if et == onnx.TensorProto.STRING:
-        raise GraphoptError(f"input '{vi.name}' is a string tensor; cannot generate inputs for it (supply them with --inputs)")
+        return np.dtype(object)  # onnxruntime takes string tensors as object arrays of str
     if et == onnx.TensorProto.BFLOAT16 or et >= onnx.TensorProto.FLOAT8E4M3FN:
         name = onnx.TensorProto.DataType.Name(et)
         raise GraphoptError(f"input '{vi.name}' has element type {name}, which numpy cannot represent; cannot generate inputs for it")
@@ -187,22 +196,40 @@ def _np_dtype(vi: onnx.ValueInfoProto) -> np.dtype:
         raise GraphoptError(f"input '{vi.name}' has unsupported element type {et}") from None
 
 
-def _resolve_shape(
-    vi: onnx.ValueInfoProto, dim_values: dict[str, int], batch: int, leading_params: set[str]
-) -> tuple[int, ...]:
+def _unnamed_key(input_name: str, axis: int) -> str:
+    return f"{input_name}:{axis}"
+
+
+def _dim_keys(vi: onnx.ValueInfoProto) -> list[int | str]:
+    """Per axis, the fixed size, or the name its size goes by: the dim_param, or "input:axis" for a
+    dim with neither value nor name (dim_values accepts both kinds of name)."""
     tt = vi.type.tensor_type
     if not tt.HasField("shape"):
         raise GraphoptError(f"input '{vi.name}' has unknown rank; cannot generate inputs for it (supply them with --inputs)")
-    shape = []
+    keys: list[int | str] = []
     for axis, d in enumerate(tt.shape.dim):
         if d.HasField("dim_value") and d.dim_value > 0:
-            shape.append(d.dim_value)
+            keys.append(d.dim_value)
         elif d.HasField("dim_param") and d.dim_param:
-            shape.append(_param_value(d.dim_param, dim_values, batch, leading_params))
-        elif axis == 0:
-            shape.append(batch)
+            keys.append(d.dim_param)
         else:
-            shape.append(DEFAULT_DIM)
+            keys.append(_unnamed_key(vi.name, axis))
+    return keys
+
+
+def _resolve_shape(
+    vi: onnx.ValueInfoProto, dim_values: dict[str, int], batch: int, leading_params: set[str]
+) -> tuple[int, ...]:
+    shape = []
+    for axis, key in enumerate(_dim_keys(vi)):
+        if isinstance(key, int):
+            shape.append(key)
+        elif key in dim_values:
+            shape.append(int(dim_values[key]))
+        elif key == _unnamed_key(vi.name, axis):
+            shape.append(batch if axis == 0 else DEFAULT_DIM)
+        else:
+            shape.append(_param_value(key, dim_values, batch, leading_params))
     return tuple(shape)
 
 
@@ -211,11 +238,23 @@ def _param_value(param: str, dim_values: dict[str, int], batch: int, leading_par
     # length of input_ids and attention_mask) gets one size everywhere.
     if param in dim_values:
         return int(dim_values[param])
-    if "batch" in param.lower() or (param in leading_params and _BATCH_LIKE.match(param)):
-        return batch
-    return DEFAULT_DIM
+    return batch if _batch_param(param, leading_params) else DEFAULT_DIM
 
 
+def _batch_param(param: str, leading_params: set[str]) -> bool:
+    return "batch" in param.lower() or (param in leading_params and bool(_BATCH_LIKE.match(param)))
+
+
+def _constants(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Initializers and Constant-node values of every graph, subgraphs included."""
+    for g in all_graphs(model.graph):
+        for t in g.initializer:
+            yield t.name, t
+        for n in g.node:
+            if n.op_type == "Constant" and n.output:
+                for a in n.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        yield n.output[0], a.t
 
 
 def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
@@ -241,14 +280,8 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     except Exception:
         pass
 
-    for g in all_graphs(model.graph):
-        for t in g.initializer:
-            shapes[t.name] = tuple(t.dims)
-        for n in g.node:
-            if n.op_type == "Constant" and n.output:
-                for a in n.attribute:
-                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                        shapes[n.output[0]] = tuple(a.t.dims)
+    for name, t in _constants(model):
+        shapes[name] = tuple(t.dims)
     return shapes
 
 
@@ -303,6 +336,73 @@ def _gather_axis_size(
     return data_shape[axis]
 
 
+# Attributes whose strings are words the model looks for: TfIdfVectorizer's n-gram pool, the keys
+# of LabelEncoder and CategoryMapper, classifier labels.
+_WORD_ATTRIBUTES = {"pool_strings", "keys_strings", "values_strings", "cats_strings", "classlabels_strings"}
+
+# Words for string inputs of a model that names none.
+_FALLBACK_WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog")
+
+
+class _Generator:
+    """Input generation for one model. What it reads from the graph (the consumers of each input,
+    static shapes, the model's words) is worked out once, and only when some input needs it, so
+    that find_inputs generates inputs for many sizes at the cost of one."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        self.inputs = _real_inputs(proto.graph)
+        self.leading_params = set()
+        for vi in self.inputs:
+            if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.shape.dim:
+                d0 = vi.type.tensor_type.shape.dim[0]
+                if d0.HasField("dim_param"):
+                    self.leading_params.add(d0.dim_param)
+
+    def shapes(self, dim_values: dict[str, int], batch: int) -> dict[str, tuple[int, ...]]:
+        return {vi.name: _resolve_shape(vi, dim_values, batch, self.leading_params) for vi in self.inputs}
+
+    @functools.cached_property
+    def consumers(self) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+        consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in all_nodes(self.proto.graph):
+            for i, name in enumerate(node.input):
+                if name:
+                    consumers.setdefault(name, []).append((node, i))
+        return consumers
+
+    @functools.cached_property
+    def known_shapes(self) -> dict[str, tuple[int | None, ...]]:
+        return _known_shapes(self.proto)
+
+    @functools.cached_property
+    def words(self) -> list[str]:
+        return _model_words(self.proto)
+
+    def generate(self, shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {vi.name: np.ascontiguousarray(self._value(vi, shapes[vi.name], rng)) for vi in self.inputs}
+
+    def _value(self, vi: onnx.ValueInfoProto, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        dtype = _np_dtype(vi)
+        is_mask = "mask" in vi.name.lower()
+        if dtype.kind == "f":
+            return _mask(rng, shape).astype(dtype) if is_mask else rng.standard_normal(size=shape).astype(dtype)
+        if dtype.kind == "b":
+            return _mask(rng, shape).astype(bool) if is_mask else rng.integers(0, 2, size=shape).astype(bool)
+        if dtype.kind in "iu":
+            if is_mask:
+                return _mask(rng, shape).astype(dtype)
+            high = _index_bound(vi.name, self.consumers, self.known_shapes)
+            if high is None:
+                high = DEFAULT_INT_HIGH
+            high = max(1, min(high, int(np.iinfo(dtype).max) + 1))
+            return rng.integers(0, high, size=shape, dtype=np.int64).astype(dtype)
+        if dtype.kind == "O":
+            return _sentences(rng, shape, self.words)
+        raise GraphoptError(f"input '{vi.name}' has element type {dtype}, which input generation does not support")
+
+
 def make_inputs(
     model: onnx.ModelProto | str,
     *,
@@ -315,62 +415,54 @@ def make_inputs(
     Shapes: fixed dims as declared. A symbolic dim takes ``dim_values[param]`` when given; else
     ``batch`` when its name contains "batch", or when it is named like a batch (N, B, bs, unk__<n>)
     and is the leading axis of some input; else DEFAULT_DIM (8). A dim with neither value nor name
-    is ``batch`` on axis 0 and DEFAULT_DIM elsewhere.
+    takes ``dim_values["input:axis"]`` when given, else ``batch`` on axis 0 and DEFAULT_DIM elsewhere.
 
     Values: inputs named like *mask* (any numeric or bool type) get random 0/1 with at least one 1
     in every row (last axis), so no attention row is fully masked. Other float16/32/64 inputs are
     standard normal. Integer inputs that reach the indices of a Gather/GatherElements/GatherND
     (directly or via Cast/Identity/Unsqueeze/Squeeze/Reshape/Flatten/Expand) get values in [0, n),
     n the size of the gathered axis when the data tensor's shape is known (the smallest such n
-    when there are several Gathers); other integers are in [0, 10); bools are random. bfloat16, float8 and string inputs raise GraphoptError.
+    when there are several Gathers); other integers are in [0, 10); bools are random. String
+    inputs get one to four words per element, joined by spaces, drawn from the words the model
+    contains (vocabularies, lookup keys, class labels, string constants; see `_model_words`).
+    bfloat16 and float8 inputs raise GraphoptError.
     """
-    proto = _as_proto(model)
-    graph = proto.graph
-    dim_values = dict(dim_values or {})
-    rng = np.random.default_rng(seed)
-    inputs = _real_inputs(graph)
+    gen = _Generator(_as_proto(model))
+    return gen.generate(gen.shapes(dict(dim_values or {}), batch), seed)
 
-    leading_params = set()
-    for vi in inputs:
-        if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.shape.dim:
-            d0 = vi.type.tensor_type.shape.dim[0]
-            if d0.HasField("dim_param"):
-                leading_params.add(d0.dim_param)
 
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in all_nodes(graph):
-        for i, name in enumerate(node.input):
-            if name:
-                consumers.setdefault(name, []).append((node, i))
-    shapes: dict[str, tuple[int | None, ...]] | None = None  # computed only if an integer input needs it
+def _model_words(proto: onnx.ModelProto) -> list[str]:
+    """The strings the model's ops look for, in order of first appearance: text built from them
+    reaches past lookups and n-gram pools that a made-up word would miss entirely."""
+    words: dict[str, None] = {}
+    stopwords: dict[str, None] = {}
+    tensors = [t for g in all_graphs(proto.graph) for t in g.initializer]
+    for node in all_nodes(proto.graph):
+        for a in node.attribute:
+            if a.name in _WORD_ATTRIBUTES:
+                words.update(dict.fromkeys(a.strings))
+            elif a.name == "stopwords":
+                stopwords.update(dict.fromkeys(a.strings))
+            elif a.type == onnx.AttributeProto.TENSOR:
+                tensors.append(a.t)  # Constant values, LabelEncoder's keys_tensor
+    for t in tensors:
+        if t.data_type == onnx.TensorProto.STRING:
+            words.update(dict.fromkeys(t.string_data))
+    # Stopwords only as a last resort: text made of them alone normalizes to nothing, which
+    # exercises nothing after the StringNormalizer.
+    found = [w.decode("utf-8", "replace") for w in (words or stopwords)]
+    return [w for w in found if w.strip()] or list(_FALLBACK_WORDS)
 
-    feeds: dict[str, np.ndarray] = {}
-    for vi in inputs:
-        dtype = _np_dtype(vi)
-        shape = _resolve_shape(vi, dim_values, batch, leading_params)
-        is_mask = "mask" in vi.name.lower()
-        if dtype.kind == "f":
-            if is_mask:
-                value = _mask(rng, shape).astype(dtype)
-            else:
-                value = rng.standard_normal(size=shape).astype(dtype)
-        elif dtype.kind == "b":
-            value = _mask(rng, shape).astype(bool) if is_mask else rng.integers(0, 2, size=shape).astype(bool)
-        elif dtype.kind in "iu":
-            if is_mask:
-                value = _mask(rng, shape).astype(dtype)
-            else:
-                if shapes is None:
-                    shapes = _known_shapes(proto)
-                high = _index_bound(vi.name, consumers, shapes)
-                if high is None:
-                    high = DEFAULT_INT_HIGH
-                high = max(1, min(high, int(np.iinfo(dtype).max) + 1))
-                value = rng.integers(0, high, size=shape, dtype=np.int64).astype(dtype)
-        else:
-            raise GraphoptError(f"input '{vi.name}' has element type {dtype}, which input generation does not support")
-        feeds[vi.name] = np.ascontiguousarray(value)
-    return feeds
+
+def _sentences(rng: np.random.Generator, shape: tuple[int, ...], words: list[str]) -> np.ndarray:
+    # One word can match a lookup key exactly; several exercise tokenizers and n-gram counting.
+    count = math.prod(shape)
+    lengths = rng.integers(1, 5, size=count)
+    picks = iter(rng.integers(0, len(words), size=int(lengths.sum())).tolist())
+    out = np.empty(count, dtype=object)
+    for i, n in enumerate(lengths.tolist()):
+        out[i] = " ".join(words[next(picks)] for _ in range(n))
+    return out.reshape(shape)
 
 
 def _mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -416,10 +508,13 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto | str | None = N
     for vi in _real_inputs(graph):
         if vi.name not in arrays:
             raise GraphoptError(f"{path}: input '{vi.name}' is missing")
-    for name, arr in arrays.items():
+    for name, arr in list(arrays.items()):
         vi = declared[name]
         expected = _np_dtype(vi)
-        if arr.dtype != expected:
+        if expected.kind == "O" and arr.dtype.kind == "U":
+            # Without pickling, .npz holds text as fixed-width str arrays; ORT takes object arrays.
+            arrays[name] = arr = arr.astype(object)
+        elif arr.dtype != expected:
             raise GraphoptError(f"{path}: input '{name}' has dtype {arr.dtype}, the model expects {expected}")
         dims = vi.type.tensor_type.shape.dim
         if vi.type.tensor_type.HasField("shape"):
@@ -513,7 +608,10 @@ def run(
     itself. Load and run failures are GraphoptErrors with ORT's first line.
     """
     sess = _session(model, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    outs = _run_session(sess, _feeds_for(sess, inputs))
+    return _outputs_by_name(sess, _run_session(sess, _feeds_for(sess, inputs)))
+
+
+def _outputs_by_name(sess: ort.InferenceSession, outs: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs)}
 
 
@@ -544,6 +642,343 @@ def latency_ms(
         _run_session(sess, feeds)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+# ---------------------------------------------------------------------------------------------
+# Finding sizes the original model runs on
+
+# Sizes tried for symbolic dims once the model's own hints have failed: 1 for dims that must match
+# a batch, then common image sides and sequence lengths, and one second of 16 kHz audio.
+_LADDER = (1, 32, 64, 128, 224, 256, 512, 1024, 16000)
+
+# A candidate whose inputs alone would take more than this is skipped: the model's activations on
+# it would be larger still.
+_MAX_CANDIDATE_BYTES = 256 << 20
+
+# Ops whose window must fit in the (padded) input and whose strides shrink it.
+_WINDOWED = {"Conv", "ConvInteger", "MaxPool", "AveragePool", "LpPool"}
+
+# Pad modes that read the input's own values, so the input must be longer than the padding.
+_READING_PAD_MODES = {b"reflect", b"edge", b"wrap"}
+
+# Ops whose attributes the size hints read.
+_SIZE_OPS = _WINDOWED | {"ConvTranspose", "Resize", "Upsample", "Pad"}
+
+
+@dataclass
+class FoundInputs:
+    inputs: dict[str, np.ndarray]
+    # The original model's outputs on them (as `run` computes them): callers need not run it again.
+    outputs: dict[str, np.ndarray]
+    # The size used for every symbolic dim of the inputs, by dim_param; a dim without one as "input:axis".
+    dims: dict[str, int]
+    # How many candidate sizes were run, the one that worked included.
+    tries: int
+
+
+def find_inputs(
+    model: onnx.ModelProto | str,
+    *,
+    dim_values: dict[str, int] | None = None,
+    seed: int = 0,
+    max_tries: int = 12,
+    threads: int = 2,
+    proto: onnx.ModelProto | None = None,
+) -> FoundInputs:
+    """Generated inputs (`make_inputs`) the original model runs on, with sizes chosen for its symbolic dims.
+
+    Candidates, in order: make_inputs' own sizes, so a model that runs on them gets exactly
+    make_inputs' inputs; the sizes the graph hints at (`_dim_hints`: sizes it names, minimums,
+    multiples); then `_LADDER`, each rung giving batch-like dims 1 and every other dim the rung's
+    size, or the size the graph names, or at least its minimum (one size per dim name, so an
+    image's H and W, or a sequence length shared by several inputs, agree). Dims named in
+    ``dim_values`` (by dim_param, or "input:axis") keep their value in every candidate. All
+    candidates run in one onnxruntime session (CPU, graph optimizations off, as `run`), at most
+    ``max_tries`` of them; one whose inputs would exceed 256 MiB is skipped. A model with no free
+    symbolic dim runs once.
+
+    ``proto``: the structure to generate inputs from, when the caller holds it already (the CLI's,
+    with --input-shape/--dim written into it); the session still runs ``model``. Defaults to
+    ``model`` itself (a path is read without its external data).
+
+    Raises GraphoptError at once when onnxruntime cannot load the model, and, when no candidate
+    runs, with the first candidate's error and what the user can pass instead.
+    """
+    if max_tries < 1:
+        raise GraphoptError("find_inputs needs max_tries >= 1")
+    gen = _Generator(proto if proto is not None else _as_proto(model))
+    fixed = {key: int(value) for key, value in (dim_values or {}).items()}
+    sess = None
+    seen: list[dict[str, int]] = []
+    tries = 0
+    first_failure: tuple[GraphoptError, dict[str, tuple[int, ...]]] | None = None
+    for dims in _candidates(gen, fixed):
+        if tries >= max_tries:
+            break
+        if dims in seen:
+            continue
+        seen.append(dims)
+        shapes = gen.shapes(dims, batch=1)
+        if tries and _nbytes(gen, shapes) > _MAX_CANDIDATE_BYTES:
+            continue
+        inputs = gen.generate(shapes, seed)
+        if sess is None:
+            # Created once: building a session costs far more than running a small input.
+            sess = _session(model, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        tries += 1
+        try:
+            outputs = _run_session(sess, _feeds_for(sess, inputs))
+        except GraphoptError as exc:
+            first_failure = first_failure or (exc, shapes)
+            continue
+        return FoundInputs(inputs, _outputs_by_name(sess, outputs), dims, tries)
+
+    assert first_failure is not None  # the first candidate always runs
+    error, shapes = first_failure
+    first = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
+    raise GraphoptError(
+        f"the original model fails on generated inputs for every tried size ({tries} tried; the first, {first}: {error}); "
+        "give sizes it runs on with --dim NAME=VALUE or --input-shape NAME:D0,D1,..., or inputs with --inputs FILE.npz"
+    )
+
+
+def _nbytes(gen: _Generator, shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(shapes[vi.name]) * _np_dtype(vi).itemsize for vi in gen.inputs)
+
+
+def _candidates(gen: _Generator, fixed: dict[str, int]) -> Iterator[dict[str, int]]:
+    """Sizes for every symbolic dim, best guess first (duplicates possible)."""
+    default: dict[str, int] = {}
+    for vi in gen.inputs:
+        for key, size in zip(_dim_keys(vi), _resolve_shape(vi, fixed, 1, gen.leading_params)):
+            if isinstance(key, str):
+                default[key] = size
+    yield default
+    if all(key in fixed for key in default):
+        return
+    # Worked out only now: most models run on the default sizes.
+    batch = _batch_keys(gen)
+    hints = _dim_hints(gen, batch)
+
+    def rung(size: int, align: bool) -> dict[str, int]:
+        dims = {}
+        for key in default:
+            hint = hints.get(key, _DimHint())
+            if key in fixed:
+                dims[key] = fixed[key]
+            elif key in batch and not hint.exact:
+                dims[key] = 1
+            else:
+                dims[key] = hint.fit(size, align=align)
+        return dims
+
+    yield rung(DEFAULT_DIM, align=True)
+    # The ladder does not round up to the hinted multiple: the multiples of an If's branches combine
+    # into one that can be too large for the branch that runs (silero-vad's 8 kHz branch takes at
+    # most 351 samples, its 16 kHz branch asks for multiples of 512), and the ladder's sizes are
+    # multiples of 32 already.
+    for size in _LADDER:
+        yield rung(size, align=False)
+
+
+def _batch_keys(gen: _Generator) -> set[str]:
+    """Dims that most likely count a batch: named so (as make_inputs decides), or the leading axis
+    of an input of rank 2 or more. The ladder keeps them at 1 and the graph's size hints skip them."""
+    keys = set()
+    for vi in gen.inputs:
+        dims = _dim_keys(vi)
+        for axis, key in enumerate(dims):
+            if isinstance(key, str) and (_batch_param(key, gen.leading_params) or (axis == 0 and len(dims) >= 2)):
+                keys.add(key)
+    return keys
+
+
+@dataclass
+class _DimHint:
+    """What the graph says about the size of one symbolic dim."""
+
+    exact: list[int] = field(default_factory=list)  # sizes the model names for it, most trusted first
+    minimum: int = 1
+    multiple: int = 1
+
+    def fit(self, size: int, *, align: bool = True) -> int:
+        """The size to use instead of ``size``: the model's own, else at least the minimum and,
+        when aligning, rounded up to the multiple."""
+        if self.exact:
+            return self.exact[0]
+        size = max(size, self.minimum)
+        return -(-size // self.multiple) * self.multiple if align else size
+
+
+def _dim_hints(gen: _Generator, batch: set[str]) -> dict[str, _DimHint]:
+    """Sizes the graph suggests for the inputs' symbolic dims, from one cheap walk. A hint may be
+    wrong (this is no dataflow analysis); it only decides which candidates find_inputs tries.
+
+    * exact sizes: the initializer behind a graph input that shares the dim's name; the channels of
+      a Conv, or the contraction size of a MatMul/Gemm, reading the input directly; the size a
+      constant Reshape target without -1 leaves for the input's one free dim; a fixed size at the
+      same axis of another input of the same rank (they are probably combined elementwise);
+    * minimums: a reflect/edge/wrap Pad needs more input than padding, a Conv/Pool window must fit
+      in the padded input; both scaled by the downsampling between the input and that op;
+    * multiples: the product of the strides of Conv/Pool layers between an input and any tensor,
+      less the upsampling of Resize/Upsample/ConvTranspose (an encoder-decoder's skip connections
+      only line up when the input divides by it); the factor a -1 Reshape target needs.
+
+    Minimums and multiples go to every non-batch symbolic dim of the inputs a tensor depends on:
+    which input axis a tensor's axis came from is not tracked.
+    """
+    proto = gen.proto
+    hints: dict[str, _DimHint] = defaultdict(_DimHint)
+    keys = {vi.name: _dim_keys(vi) for vi in gen.inputs}
+    spatial = {name: [k for k in ks if isinstance(k, str) and k not in batch] for name, ks in keys.items()}
+    constants = dict(_constants(proto))
+
+    def value(name: str) -> np.ndarray | None:
+        t = constants.get(name)
+        if t is None or math.prod(t.dims) > 64:  # small index tensors only; never read weights
+            return None
+        try:
+            return numpy_helper.to_array(t)
+        except Exception:  # external data, not loaded
+            return None
+
+    def require(origins: dict[str, Fraction], minimum: int | None = None, multiple: bool = False) -> None:
+        """``minimum`` elements of a tensor downsampled by ``factor`` span (minimum - 1) * factor + 1
+        elements of the input; ``multiple``: the input must divide by the factor."""
+        for origin, factor in origins.items():
+            for key in spatial[origin]:
+                hint = hints[key]
+                if minimum is not None:
+                    hint.minimum = max(hint.minimum, math.ceil((minimum - 1) * factor) + 1)
+                if multiple and factor.denominator == 1 and factor > 1:
+                    hint.multiple = math.lcm(hint.multiple, int(factor))
+
+    initializers = {t.name: t for t in proto.graph.initializer}
+    for vi in proto.graph.input:
+        if vi.name in initializers and vi.type.tensor_type.HasField("shape"):
+            for d, size in zip(vi.type.tensor_type.shape.dim, initializers[vi.name].dims):
+                if d.dim_param:
+                    hints[d.dim_param].exact.append(int(size))
+
+    for node in all_nodes(proto.graph):
+        _direct_hints(node, keys, batch, constants, value, hints)
+
+    # reach[tensor]: the inputs it depends on, each with how much smaller than that input the
+    # tensor's spatial axes are (Conv/Pool strides over Resize/ConvTranspose upsampling).
+    reach: dict[str, dict[str, Fraction]] = {name: {name: Fraction(1)} for name in keys}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            bodies += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+            for body in bodies:
+                walk(body)
+            origins = _merge_reach([reach.get(n) for n in node.input] + [reach.get(o.name) for b in bodies for o in b.output])
+            if not origins:
+                continue
+            op = node.op_type
+            data = reach.get(node.input[0], {}) if node.input else {}
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} if op in _SIZE_OPS else {}
+            if op in _WINDOWED and data:
+                weight = constants.get(node.input[1]) if op in ("Conv", "ConvInteger") and len(node.input) > 1 else None
+                kernel = list(attrs.get("kernel_shape") or (weight.dims[2:] if weight is not None else []))
+                if kernel:
+                    n = len(kernel)
+                    dilations = list(attrs.get("dilations") or [1] * n)
+                    pads = list(attrs.get("pads") or [0] * (2 * n))
+                    if attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"):
+                        window = max((k - 1) * d + 1 - pads[i] - pads[i + n] for i, (k, d) in enumerate(zip(kernel, dilations)))
+                        require(data, minimum=window)
+                stride = max(attrs.get("strides") or [1])
+                origins = {o: f * stride for o, f in origins.items()}
+                require(origins, multiple=True)
+            elif op == "ConvTranspose":
+                stride = max(attrs.get("strides") or [1])
+                origins = {o: f / stride for o, f in origins.items()}
+            elif op in ("Resize", "Upsample"):
+                scale = _resize_scale(node, attrs, value)
+                if scale is not None:
+                    origins = {o: f / scale for o, f in origins.items()}
+                    require(origins, multiple=True)
+            elif op == "Pad" and attrs.get("mode", b"constant") in _READING_PAD_MODES and data:
+                pads = attrs.get("pads")
+                if pads is None and len(node.input) > 1:
+                    pads = value(node.input[1])
+                if pads is not None and np.size(pads):
+                    require(data, minimum=int(np.max(pads)) + 1)
+            for out in node.output:
+                if out:
+                    reach[out] = origins
+
+    walk(proto.graph)
+
+    # Last, as the least trusted exact hint.
+    for name, ks in keys.items():
+        for other, other_keys in keys.items():
+            if other != name and len(other_keys) == len(ks):
+                for key, size in zip(ks, other_keys):
+                    if isinstance(key, str) and isinstance(size, int) and size > 1:
+                        hints[key].exact.append(size)
+    return dict(hints)
+
+
+def _resize_scale(node: onnx.NodeProto, attrs: dict[str, Any], value: Callable[[str], np.ndarray | None]) -> Fraction | None:
+    """The largest constant scale of a Resize/Upsample over its spatial axes, or None when the
+    output size is computed (or given as sizes)."""
+    if "scales" in attrs:  # Upsample before opset 9
+        scales = np.asarray(attrs["scales"])
+    else:
+        # Resize-10 and Upsample-9 take (X, scales); Resize-11 and later (X, roi, scales, sizes).
+        index = 2 if node.op_type == "Resize" and len(node.input) > 2 else 1
+        scales = value(node.input[index]) if len(node.input) > index else None
+    if scales is None or not scales.size:
+        return None
+    scale = Fraction(float(np.max(scales[2:] if scales.size > 2 else scales))).limit_denominator(1000)
+    return scale if scale > 0 else None
+
+
+def _merge_reach(maps: list[dict[str, Fraction] | None]) -> dict[str, Fraction]:
+    merged: dict[str, Fraction] = {}
+    for m in maps:
+        for origin, factor in (m or {}).items():
+            merged[origin] = max(merged.get(origin, factor), factor)
+    return merged
+
+
+def _direct_hints(
+    node: onnx.NodeProto,
+    keys: dict[str, list[int | str]],
+    batch: set[str],
+    constants: dict[str, onnx.TensorProto],
+    value: Callable[[str], np.ndarray | None],
+    hints: dict[str, _DimHint],
+) -> None:
+    """Exact sizes (or a multiple) a node asks of a graph input it reads directly."""
+    if not node.input or not keys.get(node.input[0]):
+        return
+    data = keys[node.input[0]]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    weight = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if node.op_type in ("Conv", "ConvInteger") and weight is not None and len(data) > 1 and isinstance(data[1], str):
+        hints[data[1]].exact.append(int(weight.dims[1]) * int(attrs.get("group", 1)))
+    elif node.op_type == "MatMul" and weight is not None and len(weight.dims) >= 2 and isinstance(data[-1], str):
+        hints[data[-1]].exact.append(int(weight.dims[-2]))
+    elif node.op_type == "Gemm" and weight is not None and len(weight.dims) == 2 and len(data) == 2:
+        axis = 0 if attrs.get("transA", 0) else 1
+        if isinstance(data[axis], str):
+            hints[data[axis]].exact.append(int(weight.dims[1] if attrs.get("transB", 0) else weight.dims[0]))
+    elif node.op_type == "Reshape":
+        target = value(node.input[1]) if len(node.input) > 1 else None
+        free = [k for k in data if isinstance(k, str) and k not in batch]
+        if target is None or len(free) != 1 or (not attrs.get("allowzero", 0) and 0 in target.tolist()):
+            return
+        # The one free dim times the fixed ones (and a batch of 1) must equal the target's element
+        # count; with a -1 in the target, be divisible by the product of its other entries.
+        known = math.prod(k for k in data if isinstance(k, int))
+        wanted = math.prod(int(t) for t in target.tolist() if t > 0)
+        if -1 in target.tolist():
+            hints[free[0]].multiple = math.lcm(hints[free[0]].multiple, wanted // math.gcd(wanted, known))
+        elif wanted % known == 0:
+            hints[free[0]].exact.append(wanted // known)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,9 +1109,12 @@ def verify(
     rtol: float = 1e-3,
     atol: float = 1e-4,
 ) -> Fidelity:
-    """Run both models on the same inputs (generated from the original when not given) and compare."""
+    """Run both models on the same inputs and compare. Without ``inputs``, they are generated
+    (`find_inputs`: sizes the original runs on)."""
     if inputs is None:
-        inputs = make_inputs(original, seed=seed)
-    reference = run(original, inputs)
+        found = find_inputs(original, seed=seed)
+        inputs, reference = found.inputs, found.outputs
+    else:
+        reference = run(original, inputs)
     candidate = run(optimized, inputs)
     return compare(reference, candidate, rtol=rtol, atol=atol)

@@ -28,6 +28,8 @@ class _Entry:
     build: Callable[[], onnx.ModelProto]
     description: str
     eval_data: Callable[[], tuple[dict[str, np.ndarray], np.ndarray]] | None = None
+    # What building it will do the first time, if that is slow (None when it is not, or no longer).
+    first_use: Callable[[], str | None] | None = None
 
 
 def _bert_base() -> onnx.ModelProto:
@@ -66,6 +68,14 @@ def _digits_cnn() -> onnx.ModelProto:
     return digits_cnn()
 
 
+def _digits_first_use() -> str | None:
+    from .digits import cache_path
+
+    if cache_path().is_file():
+        return None
+    return f"training zoo:digits_cnn on scikit-learn's digits (first use only, about 15 s; cached in {cache_path().parent})"
+
+
 def _digits_eval() -> tuple[dict[str, np.ndarray], np.ndarray]:
     from .digits import eval_data as digits_eval_data
 
@@ -85,6 +95,7 @@ _ZOO: dict[str, _Entry] = {
         _digits_cnn,
         "small CNN trained on scikit-learn's 8x8 digits (input [batch,1,8,8] -> 10 logits; has eval data)",
         _digits_eval,
+        _digits_first_use,
     ),
     "mobilenetv2": _Entry(
         _mobilenetv2,
@@ -113,9 +124,17 @@ def _entry(name: str) -> _Entry:
         raise GraphoptError(f"unknown zoo model '{name}'; known: {', '.join(available())}") from None
 
 
-def load(name: str) -> onnx.ModelProto:
-    """Builds the named zoo model (deterministic: same bytes every time; a fresh proto per call)."""
-    return _entry(name).build()
+def load(name: str, notify: Callable[[str], None] | None = None) -> onnx.ModelProto:
+    """Builds the named zoo model (deterministic: same bytes every time; a fresh proto per call).
+
+    `notify(text)` is told before slow first-time work (training), so a caller can say why it waits.
+    """
+    entry = _entry(name)
+    if notify is not None and entry.first_use is not None:
+        message = entry.first_use()
+        if message:
+            notify(message)
+    return entry.build()
 
 
 def describe(name: str) -> str:

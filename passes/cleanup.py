@@ -9,9 +9,7 @@ from graphopt import ir
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 
 # Ops whose result differs between two evaluations with equal inputs: never merged or folded.
-NONDETERMINISTIC_OPS = frozenset(
-    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
-)
+NONDETERMINISTIC_OPS = ir.NONDETERMINISTIC_OPS
 
 
 @register_pass

@@ -58,6 +58,10 @@ Identity, Cast, Expand, Pad, Flatten, Split, Tile, Constant, Dropout, ...)
 If, Loop, Scan
     0 flops of their own; their own bytes are what crosses the subgraph boundary (inputs and
     outputs). graph_cost adds the subgraphs (see there).
+Computed from constants alone (graph_cost only)
+    0 flops and 0 bytes, known: a node of ai.onnx whose inputs are all constants, or results of such
+    nodes (Shape and Size of a tensor of known shape count as constants), runs once when a runtime loads the model (and graphopt's folding removes it), never per
+    inference. Random ops and nodes with subgraphs are never counted as such.
 Anything else, including every op of a domain other than ai.onnx (com.microsoft, ai.onnx.ml, ...)
     0 flops; graph_cost lists it in "uncounted_ops" so a caller can tell "free" from "no rule".
 
@@ -86,7 +90,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import DEFAULT_DOMAINS, subgraphs_of
+from graphopt.ir import DEFAULT_DOMAINS, NONDETERMINISTIC_OPS, subgraphs_of
 
 SymbolicDims = dict[str, int] | None
 
@@ -526,7 +530,13 @@ class _Totals:
 
 
 def _accumulate(graph: gs.Graph, symbolic_dims: SymbolicDims, totals: _Totals) -> None:
+    # Tensors computed from constants alone: a runtime evaluates them once, when it loads the model.
+    compile_time: set[int] = set()
     for node in graph.nodes:
+        if _computed_at_load(node, compile_time, symbolic_dims):
+            compile_time.update(id(t) for t in node.outputs)
+            totals.add_node(op_key(node), NodeCost(0, 0, 0, True))
+            continue
         totals.add_node(op_key(node), node_cost(node, symbolic_dims))
         if not has_rule(node):
             totals.uncounted_ops.add(op_key(node))
@@ -548,6 +558,14 @@ def _accumulate(graph: gs.Graph, symbolic_dims: SymbolicDims, totals: _Totals) -
                 inner = _Totals()
                 _accumulate(sub, symbolic_dims, inner)
                 totals.merge(inner)
+
+
+def _computed_at_load(node: gs.Node, compile_time: set[int], symbolic_dims: SymbolicDims) -> bool:
+    if not _is_default_domain(node) or node.op in NONDETERMINISTIC_OPS or subgraphs_of(node) or not node.outputs:
+        return False
+    if node.op in ("Shape", "Size") and node.inputs:
+        return _resolve_shape(node.inputs[0], symbolic_dims) is not None
+    return all(t.is_empty() or isinstance(t, gs.Constant) or id(t) in compile_time for t in node.inputs)
 
 
 def graph_cost(graph: gs.Graph, symbolic_dims: SymbolicDims = None) -> dict:

@@ -65,3 +65,70 @@ def _parse(vi: onnx.ValueInfoProto):
             else:
                 shape.append(None)
     return dtype, shape
+
+
+def resolve_shapes(model: ir.Model) -> int:
+    """Give tensors the shapes that only folding reveals; returns how many tensors got one.
+
+    onnx's inference does not read values it propagated as a Slice's ends or a Range's limit, so in
+    a torch-exported BERT every activation after the embeddings has an unknown batch dim even when
+    the inputs are static, and its MatMuls would count 0 FLOPs. Folding a weight-free copy of the
+    model (-O2's folding passes to a fixed point) turns those computed shapes into
+    constants; tensors that survive folding keep their names, so their inferred shapes are carried
+    back onto the model. Only a dimension the original does not know yet is filled in.
+    """
+    from graphopt.pass_manager import FixedPoint, PassContext, PassManager, create_pass
+
+    copy = ir.from_proto(ir.structure_proto(model, value_info=False))
+    # A folded tensor is gone from the copy, but what replaced it sits at the same input of each
+    # consumer that survived: that replacement's shape is the folded tensor's.
+    uses = {
+        t.name: [(node, i) for node in t.outputs for i, x in enumerate(node.inputs) if x is t]
+        for graph in copy.graphs()
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Variable)
+    }
+    ctx = PassContext(model=copy, opt_level=2)
+    folding = ["constant-to-initializer", "fold-shapes", "fold-constants", "dce"]
+    PassManager(FixedPoint([create_pass(name) for name in folding], max_iterations=10)).run(ctx)
+    ctx.analyses.invalidate()
+    folded = dict(ctx.analysis("shapes"))
+    for name, sites in uses.items():
+        if name not in folded:
+            for node, i in sites:
+                if i < len(node.inputs) and isinstance(node.inputs[i], gs.Constant):
+                    folded[name] = (None, list(node.inputs[i].shape))
+                    break
+    filled = 0
+    for graph in model.graphs():
+        for tensor in graph.tensors().values():
+            if not isinstance(tensor, gs.Variable) or tensor.name not in folded:
+                continue
+            better = _fill_unknown(tensor.shape, folded[tensor.name][1])
+            if better is not None:
+                tensor.shape = better
+                filled += 1
+    return filled
+
+
+def _fill_unknown(have, found):
+    """`have` with its unknown or symbolic dims taken from `found` where that is static, or None if
+    nothing improves (or the two disagree, which would mean the copy is not the same model)."""
+    if found is None:
+        return None
+    if have is None:
+        return list(found) if all(isinstance(d, int) for d in found) else None
+    if len(have) != len(found):
+        return None
+    merged, improved = [], False
+    for h, f in zip(have, found):
+        if isinstance(h, int) and h >= 0:
+            if isinstance(f, int) and f != h:
+                return None
+            merged.append(h)
+        elif isinstance(f, int) and f >= 0:
+            merged.append(f)
+            improved = True
+        else:
+            merged.append(h)
+    return merged if improved else None

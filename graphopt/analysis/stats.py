@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -19,6 +19,8 @@ class ModelStats:
     flops: int
     # FLOPs are a lower bound when some node's shapes are symbolic or unknown.
     flops_exact: bool
+    # Nodes per op type (domain-qualified outside ai.onnx), subgraphs included.
+    ops: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,4 +41,5 @@ def model_stats(model: ir.Model, symbolic_dims: dict[str, int] | None = None) ->
         params += count
         param_bytes += count * np.dtype(t.dtype).itemsize
     cost = graph_cost(model.graph, symbolic_dims)
-    return ModelStats(nodes, params, param_bytes, int(cost["flops"]), cost["unknown_nodes"] == 0)
+    ops = {op: v["count"] for op, v in sorted(cost["by_op"].items())}
+    return ModelStats(nodes, params, param_bytes, int(cost["flops"]), cost["unknown_nodes"] == 0, ops)
