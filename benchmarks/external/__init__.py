@@ -1,0 +1,1 @@
+"""Trained ONNX models shipped inside PyPI packages, outside the project's test tier (see models.py)."""
