@@ -6,6 +6,7 @@ report it; --debug shows the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -84,6 +85,59 @@ def cli(debug: bool) -> None:
     """graphopt: a compiler-style graph optimizer for ONNX models."""
 
 
+def _plugin_option(command):
+    """--plugin, shared by run and passes (see graphopt/plugins.py)."""
+    return click.option(
+        "--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE",
+        help="Load passes from a Python file or an importable module (repeatable).",
+    )(command)
+
+
+def _shape_options(command):
+    """--input-shape and --dim, shared by run, inspect and compare."""
+    command = click.option(
+        "--dim", "dims", multiple=True, metavar="SYMBOL=VALUE",
+        help="Bind a symbolic dim everywhere it appears, e.g. --dim batch=1 --dim seq=128 (repeatable).",
+    )(command)
+    return click.option(
+        "--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+        help="Fix an input's shape, e.g. --input-shape input_ids:1,128 (repeatable).",
+    )(command)
+
+
+def _quiet_option(command):
+    return click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(command)
+
+
+def _load(model: str, feedback, files: set | None = None, input_shapes=(), dims=()):
+    """Resolve MODEL and apply --input-shape/--dim to it: (proto, file path or None, specialization)."""
+    from graphopt.optimize import resolve_source
+    from graphopt.specialize import parse_all, specialize_proto
+
+    shapes, bound = parse_all(input_shapes, dims)  # bad syntax fails before any model work
+    with feedback.phase(f"loading {model}"):
+        proto, path = resolve_source(model, files, notify=feedback.note)
+    return proto, path, specialize_proto(proto, shapes, bound)
+
+
+def _verification_inputs(reference, proto, inputs_path, feedback):
+    """Inputs for verification and the original's outputs on them (None when not yet run).
+
+    Given inputs are checked against the (specialized) model. Generated ones come from
+    `verify.find_inputs`, which tries sizes for symbolic dims until the original runs.
+    """
+    from graphopt import verify as verify_mod
+
+    if inputs_path:
+        return verify_mod.load_inputs(inputs_path, proto), None, {"source": inputs_path}
+    with feedback.phase("choosing input sizes the original model runs on"):
+        found = verify_mod.find_inputs(proto if reference is None else reference, proto=proto)
+    if found.dims:
+        tries = f" ({found.tries} tries)" if found.tries > 1 else ""
+        feedback.note("verifying on generated inputs with " + ", ".join(f"{k}={v}" for k, v in found.dims.items()) + tries)
+    return found.inputs, found.outputs, {"source": "generated", "dims": found.dims, "tries": found.tries}
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--target", "-t", default="x86_64", show_default=True, help="Target to optimize for (see `graphopt targets`).")
@@ -91,6 +145,8 @@ def cli(debug: bool) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model path [default: <name>.opt.onnx].")
 @click.option("--passes", help="Comma-separated passes to run instead of the level's pipeline.")
 @click.option("--disable", help="Comma-separated passes to leave out.")
+@click.option("--cleanup/--no-cleanup", default=True, show_default=True, help="End a --passes list with dce (unless it already ends with it).")
+@_plugin_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check the result against the original in onnxruntime; exit 1 and write nothing if it moved.")
 @click.option("--verify-each", is_flag=True, help="Check after every pass and roll back a pass that breaks equivalence.")
@@ -100,15 +156,22 @@ def cli(debug: bool) -> None:
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each changing pass into this folder.")
 @click.option("--fold-input-defaults", is_flag=True, help="Treat initializers that are also graph inputs as constants (they are overridable defaults).")
 @click.option("--fold-size-limit", type=int, default=None, help="Largest folded constant in bytes (default 1 MiB).")
-def run(model, target, opt_level, output, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol, dump_ir, fold_input_defaults, fold_size_limit):
+@_shape_options
+@_quiet_option
+@click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
+def run(model, target, opt_level, output, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import ir, targets
     from graphopt import verify as verify_mod
-    from graphopt.optimize import optimize_model, resolve_source
+    from graphopt.feedback import Feedback, PassProgress
+    from graphopt.optimize import optimize_model
+    from graphopt.plugins import load_plugins
 
     targets.get(target)  # fail fast on an unknown target, before any model work
+    load_plugins(plugins)  # and on a broken plugin
+    feedback = Feedback(err_console, quiet=quiet)
     input_files: set[Path] = set()
-    proto, path = resolve_source(model, input_files)
+    proto, path, specialization = _load(model, feedback, input_files, input_shapes, dims)
     name = Path(path).name if path else model[4:] + ".onnx"
     out = Path(output) if output else Path(Path(name).stem + ".opt.onnx")
     written = {"output": out, "output's external data": out.with_name(out.name + ".data")}
@@ -133,22 +196,25 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
             raise GraphoptError(f"cannot write {dest}: folder {dest.parent} {why}")
         if not os.access(dest.parent, os.W_OK):
             raise GraphoptError(f"cannot write {dest}: folder {dest.parent} is not writable")
-    # The reference for verification: the file itself when there is one, else an in-memory copy.
+    # The reference for verification: the file itself when there is one (a specialized model
+    # computes the same on inputs of its shapes), else an in-memory copy.
     reference = path if path is not None else _copy(proto)
-    inputs = None
+    inputs = original_outputs = None
+    input_record = None
     if verify or verify_each:
         # From the proto in memory: reading the file again would load every weight twice.
-        inputs = verify_mod.load_inputs(inputs_path, proto) if inputs_path else verify_mod.make_inputs(proto)
+        inputs, original_outputs, input_record = _verification_inputs(reference, proto, inputs_path, feedback)
     options = {}
     if fold_size_limit is not None:
         options["fold_size_limit"] = fold_size_limit
-    with console.status(f"optimizing {name} for {target} at -O{opt_level}", spinner="dots"):
+    with feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):
         result, report = optimize_model(
             proto,
             target=target,
             opt_level=opt_level,
             passes=_names(passes),
             disabled=_names(disable),
+            cleanup=cleanup,
             options=options,
             verify_each=verify_each,
             verify_inputs=inputs,
@@ -156,16 +222,19 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
             fold_input_defaults=fold_input_defaults,
             source=model,
             reference=reference,
+            specialization=specialization,
+            instruments=[PassProgress(feedback)],
         )
+    report.verification_inputs = input_record
+
     def check_fidelity(staged: Path) -> None:
         # Verification reads the staged file, so onnxruntime needs no serialized copy of the model,
         # and a failure abandons the write: nothing is left at the output path.
         if not verify:
             return
-        with console.status("verifying against the original in onnxruntime", spinner="dots"):
-            report.fidelity = verify_mod.compare(
-                _run_original(reference, inputs, given=bool(inputs_path)), verify_mod.run(str(staged), inputs), rtol=rtol, atol=atol
-            )
+        with feedback.phase("verifying against the original in onnxruntime"):
+            expected = original_outputs if original_outputs is not None else _run_original(reference, inputs, given=bool(inputs_path))
+            report.fidelity = verify_mod.compare(expected, verify_mod.run(str(staged), inputs), rtol=rtol, atol=atol)
         if not report.fidelity.ok:
             worst = report.fidelity.worst()
             raise VerificationError(
@@ -174,12 +243,15 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
             )
 
     try:
-        ir.save(result, out, validate=check_fidelity)
+        with feedback.phase(f"writing {out}"):
+            ir.save(result, out, validate=check_fidelity)
     except VerificationError:
-        _finish_report(report, report_path)
+        _finish_report(report, report_path, quiet, verbose)
         raise
-    _finish_report(report, report_path)
-    console.print(f"wrote [bold]{escape(str(out))}[/bold]")
+    report.output = str(out)
+    _finish_report(report, report_path, quiet, verbose)
+    if not quiet:
+        console.print(f"wrote [bold]{escape(str(out))}[/bold]")
 
 
 def _run_original(reference, inputs, *, given: bool):
@@ -196,8 +268,9 @@ def _run_original(reference, inputs, *, given: bool):
         ) from None
 
 
-def _finish_report(report, report_path) -> None:
-    _print_report(report)
+def _finish_report(report, report_path, quiet: bool = False, verbose: bool = False) -> None:
+    if not quiet:
+        _print_report(report, verbose)
     if report_path:
         _write_json(Path(report_path), report.to_dict())
 
@@ -233,7 +306,13 @@ def _write_json(path: Path, data: dict) -> None:
         raise GraphoptError(f"cannot write report {path}: {exc.strerror or exc}") from None
 
 
-def _print_report(report) -> None:
+# The summary's op table shows this many op types unless --verbose asks for all.
+TOP_OP_CHANGES = 10
+
+
+def _print_report(report, verbose: bool = False) -> None:
+    from graphopt.specialize import describe
+
     b, a = report.before, report.after
     table = Table(title=f"{escape(report.source)} -> {report.target} (-O{report.opt_level})", title_justify="left")
     table.add_column("")
@@ -242,14 +321,13 @@ def _print_report(report) -> None:
     table.add_column("change", justify="right")
     table.add_row("nodes", str(b.nodes), str(a.nodes), _change(b.nodes, a.nodes))
     table.add_row("parameters", _human(b.parameters), _human(a.parameters), _change(b.parameters, a.parameters))
-    # Unknown shapes (symbolic dims, shapes computed at run time) leave some nodes uncounted.
-    def flops(stats) -> str:
-        return _human(stats.flops) + ("" if stats.flops_exact else " (lower bound)")
-
     both_exact = a.flops_exact and b.flops_exact
-    table.add_row("FLOPs", flops(b), flops(a), _change(b.flops, a.flops) if both_exact else "-")
+    table.add_row("FLOPs", _flops(b.flops, b.flops_exact), _flops(a.flops, a.flops_exact), _change(b.flops, a.flops) if both_exact else "-")
     table.add_row("model size", _bytes(report.bytes_before), _bytes(report.bytes_after), _change(report.bytes_before, report.bytes_after))
     console.print(table)
+    for line in describe(report.specialization):
+        console.print(f"specialized input {escape(line)}", highlight=False)
+    _print_op_changes(b.ops, a.ops, verbose)
 
     passes = Table(title="passes", title_justify="left")
     for col in ("pass", "runs", "time", "nodes", "what it did"):
@@ -265,11 +343,40 @@ def _print_report(report) -> None:
     for name, reason in report.rollbacks:
         err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)
     if report.fidelity is not None:
-        _print_fidelity(report.fidelity)
+        _print_fidelity(report.fidelity, report.verification_inputs)
 
 
-def _print_fidelity(fidelity) -> None:
-    table = Table(title="fidelity vs the original (onnxruntime)", title_justify="left")
+def _flops(count: int, exact: bool) -> str:
+    # Unknown shapes (symbolic dims, shapes computed at run time) leave some nodes uncounted.
+    return _human(count) + ("" if exact else " (lower bound)")
+
+
+def _print_op_changes(before: dict[str, int], after: dict[str, int], verbose: bool) -> None:
+    """Nodes per op type before and after, biggest changes first (onnx-simplifier's table)."""
+    ops = sorted(set(before) | set(after), key=lambda op: (-abs(after.get(op, 0) - before.get(op, 0)), op))
+    changed = [op for op in ops if after.get(op, 0) != before.get(op, 0)]
+    shown = ops if verbose else changed[:TOP_OP_CHANGES]
+    if not shown:
+        return
+    table = Table(title="op types" if verbose else "op types that changed most", title_justify="left")
+    for col in ("op", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for op in shown:
+        n0, n1 = before.get(op, 0), after.get(op, 0)
+        table.add_row(escape(op), str(n0), str(n1), f"{n1 - n0:+d}" if n1 != n0 else "")
+    console.print(table)
+    hidden = len(changed) - len([op for op in shown if op in changed])
+    if hidden > 0:
+        console.print(f"... and {hidden} more op types changed (--verbose lists all)", highlight=False)
+
+
+def _print_fidelity(fidelity, inputs: dict | None = None) -> None:
+    title = "fidelity vs the original (onnxruntime"
+    if inputs and inputs.get("dims"):
+        title += ", generated inputs with " + ", ".join(f"{k}={v}" for k, v in inputs["dims"].items())
+    elif inputs and inputs.get("source") not in (None, "generated"):
+        title += f", inputs from {inputs['source']}"
+    table = Table(title=escape(title + ")"), title_justify="left")
     for col in ("output", "max abs err", "max rel err", "cosine", "top-1", "ok"):
         table.add_column(col, justify="left" if col == "output" else "right")
     for o in fidelity.outputs:
@@ -282,18 +389,21 @@ def _print_fidelity(fidelity) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def inspect(model, as_json):
+@_shape_options
+def inspect(model, as_json, input_shapes, dims):
     """Show MODEL's inputs, outputs, op histogram, parameters, FLOPs and bytes per op type."""
     from graphopt import ir
     from graphopt.analysis.cost import graph_cost
+    from graphopt.analysis.shapes import infer_shapes, resolve_shapes
     from graphopt.analysis.stats import model_stats
-    from graphopt.analysis.shapes import infer_shapes
-    from graphopt.optimize import resolve_source
+    from graphopt.feedback import Feedback
+    from graphopt.specialize import describe
 
-    proto, _ = resolve_source(model)
+    proto, _, specialization = _load(model, Feedback(err_console, quiet=as_json), None, input_shapes, dims)
     size = ir.approx_nbytes(proto)
     m = ir.from_proto(proto)
     infer_shapes(m)
+    resolve_shapes(m)
     stats = model_stats(m)
     cost = graph_cost(m.graph)
     data = {
@@ -302,15 +412,21 @@ def inspect(model, as_json):
         "opsets": m.opset_imports,
         "producer": f"{m.producer_name} {m.producer_version}".strip(),
         "bytes": size,
+        "specialization": specialization.to_dict(),
         "inputs": [_io(t) for t in m.graph.inputs],
         "outputs": [_io(t) for t in m.graph.outputs],
         "stats": stats.to_dict(),
+        # Nodes whose shapes are not known count 0 FLOPs: then "flops_exact" is false and the
+        # totals are a lower bound (--dim/--input-shape make symbolic shapes known).
+        "unknown_nodes": cost["unknown_nodes"],
         "ops": {op: {"count": v["count"], "flops": v["flops"], "bytes": v["bytes"]} for op, v in sorted(cost["by_op"].items(), key=lambda kv: -kv[1]["count"])},
     }
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
     console.print(f"[bold]{escape(model)}[/bold]  IR {m.ir_version}, opsets {m.opset_imports}, {data['producer'] or 'unknown producer'}, {_bytes(size)}")
+    for line in describe(specialization):
+        console.print(f"specialized input {escape(line)}", highlight=False)
     io = Table(title="inputs and outputs", title_justify="left")
     for col in ("", "name", "type", "shape"):
         io.add_column(col)
@@ -318,12 +434,19 @@ def inspect(model, as_json):
         for item in items:
             io.add_row(kind, escape(item["name"]), item["dtype"], escape(item["shape"]))
     console.print(io)
-    ops = Table(title=f"{stats.nodes} nodes, {_human(stats.parameters)} parameters, {_human(stats.flops)} FLOPs", title_justify="left")
+    ops = Table(title=f"{stats.nodes} nodes, {_human(stats.parameters)} parameters, {_flops(stats.flops, stats.flops_exact)} FLOPs", title_justify="left")
     for col in ("op", "count", "FLOPs", "bytes"):
         ops.add_column(col, justify="left" if col == "op" else "right")
     for op, v in data["ops"].items():
         ops.add_row(escape(op), str(v["count"]), _human(v["flops"]), _bytes(v["bytes"]))
     console.print(ops)
+    if not stats.flops_exact:
+        symbolic = any(not isinstance(d, int) for t in m.graph.inputs for d in (t.shape or [None]))
+        hint = " (--dim SYMBOL=VALUE or --input-shape NAME:D0,D1,... fix the inputs' shapes)" if symbolic else ""
+        console.print(
+            f"FLOPs are a lower bound: {cost['unknown_nodes']} nodes have shapes that are not known statically{hint}",
+            highlight=False,
+        )
 
 
 def _io(tensor) -> dict:
@@ -335,18 +458,19 @@ def _io(tensor) -> dict:
 
 
 @cli.command("passes")
-def list_passes():
-    """List every registered pass with its description."""
-    from graphopt.pass_manager import registered_passes
-    from graphopt.pipelines import OPT_LEVELS, build_pipeline
+@_plugin_option
+def list_passes(plugins):
+    """List every registered pass: its level (the lowest -O that runs it, or opt-in), where it
+    comes from (built-in, a --plugin, an installed package) and its description."""
+    from graphopt.pipelines import describe_passes
+    from graphopt.plugins import load_plugins
 
-    levels = {lvl: set(build_pipeline(lvl).pass_names()) for lvl in OPT_LEVELS}
+    load_plugins(plugins)
     table = Table(title="passes", title_justify="left")
-    for col in ("name", "from", "description"):
+    for col in ("name", "level", "source", "description"):
         table.add_column(col)
-    for name, cls in registered_passes().items():
-        first = next((f"-O{lvl}" for lvl in OPT_LEVELS if name in levels[lvl]), "opt-in")
-        table.add_row(name, first, escape(cls.description))
+    for info in describe_passes().values():
+        table.add_row(info.name, info.level, escape(info.source), escape(info.description))
     console.print(table)
 
 
@@ -363,9 +487,12 @@ def list_targets():
     console.print(table)
 
 
-@cli.command("zoo")
-def list_zoo():
-    """List the built-in models usable as zoo:NAME."""
+@cli.group("zoo", invoke_without_command=True)
+@click.pass_context
+def zoo(ctx):
+    """List the built-in models usable as zoo:NAME (`zoo export NAME -o FILE` saves one)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from graphopt import models
 
     table = Table(title="zoo", title_justify="left")
@@ -376,6 +503,29 @@ def list_zoo():
     console.print(table)
 
 
+@zoo.command("export")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write it [default: NAME.onnx].")
+@_quiet_option
+def zoo_export(name, output, quiet):
+    """Save the zoo model NAME (with or without the zoo: prefix) as an ONNX file."""
+    from graphopt import ir
+    from graphopt.feedback import Feedback
+
+    name = name.removeprefix("zoo:")
+    out = Path(output) if output else Path(f"{name}.onnx")
+    if out.is_dir():
+        raise GraphoptError(f"cannot write {out}: it is a directory")
+    if not out.parent.is_dir():
+        raise GraphoptError(f"cannot write {out}: folder {out.parent} does not exist")
+    feedback = Feedback(err_console, quiet=quiet)
+    proto, _, _ = _load(f"zoo:{name}", feedback)
+    with feedback.phase(f"writing {out}"):
+        ir.save(ir.from_proto(proto), out)
+    if not quiet:
+        console.print(f"wrote [bold]{escape(str(out))}[/bold]")
+
+
 @cli.command()
 @click.argument("model_a")
 @click.argument("model_b")
@@ -384,32 +534,142 @@ def list_zoo():
 @click.option("--runs", type=int, default=20, show_default=True)
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True)
-def compare(model_a, model_b, inputs_path, threads, runs, rtol, atol):
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of tables.")
+@_shape_options
+@_quiet_option
+def compare(model_a, model_b, inputs_path, threads, runs, rtol, atol, as_json, input_shapes, dims, quiet):
     """Compare B against A: output fidelity and onnxruntime latency of both."""
     from graphopt import verify
-    from graphopt.optimize import resolve_source
+    from graphopt.feedback import Feedback
 
-    a, path_a = resolve_source(model_a)
-    b, path_b = resolve_source(model_b)
+    feedback = Feedback(err_console, quiet=quiet or as_json)
+    a, path_a, spec_a = _load(model_a, feedback, None, input_shapes, dims)
+    # --input-shape/--dim describe A's interface; B must take the same inputs, so it is
+    # specialized alike when it has them (an optimized B usually already has them static).
+    b, path_b, _ = _load(model_b, feedback, None)
+    _check_same_interface(a, b, model_a, model_b)
     a_ref = path_a or a
     b_ref = path_b or b
-    inputs = verify.load_inputs(inputs_path, a_ref) if inputs_path else verify.make_inputs(a_ref)
-    with console.status("running both models in onnxruntime", spinner="dots"):
-        fidelity = verify.compare(verify.run(a_ref, inputs, threads=threads), verify.run(b_ref, inputs, threads=threads), rtol=rtol, atol=atol)
+    if inputs_path:
+        inputs, record = verify.load_inputs(inputs_path, a), {"source": inputs_path}
+        expected = None
+    else:
+        with feedback.phase("choosing input sizes model A runs on"):
+            found = verify.find_inputs(a)
+        inputs, expected = found.inputs, found.outputs
+        record = {"source": "generated", "dims": found.dims, "tries": found.tries}
+    with feedback.phase("running both models in onnxruntime"):
+        if expected is None:
+            expected = verify.run(a_ref, inputs, threads=threads)
+        fidelity = verify.compare(expected, verify.run(b_ref, inputs, threads=threads), rtol=rtol, atol=atol)
         lat_a = verify.latency_ms(a_ref, inputs, threads=threads, runs=runs)
         lat_b = verify.latency_ms(b_ref, inputs, threads=threads, runs=runs)
-    _print_fidelity(fidelity)
-    table = Table(title=f"onnxruntime latency (median of {runs}, {threads} threads)", title_justify="left")
-    for col in ("model", "nodes", "latency", "vs A"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row(escape(model_a), str(len(a.graph.node)), f"{lat_a:.2f} ms", "1.00x")
-    table.add_row(escape(model_b), str(len(b.graph.node)), f"{lat_b:.2f} ms", f"{lat_a / lat_b:.2f}x faster" if lat_b else "-")
-    console.print(table)
+    speedup = lat_a / lat_b if lat_b else None
+    data = {
+        "a": {"model": model_a, "nodes": len(a.graph.node), "latency_ms": lat_a},
+        "b": {"model": model_b, "nodes": len(b.graph.node), "latency_ms": lat_b},
+        "speedup": speedup,
+        "threads": threads,
+        "runs": runs,
+        "specialization": spec_a.to_dict(),
+        "inputs": record,
+        "fidelity": fidelity.to_dict(),
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif not quiet:
+        _print_fidelity(fidelity, record)
+        table = Table(title=f"onnxruntime latency (median of {runs}, {threads} threads)", title_justify="left")
+        for col in ("model", "nodes", "latency", "B vs A"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        table.add_row(escape(model_a), str(len(a.graph.node)), f"{lat_a:.2f} ms", "")
+        table.add_row(escape(model_b), str(len(b.graph.node)), f"{lat_b:.2f} ms", _speed_words(speedup))
+        console.print(table)
     if not fidelity.ok:
         sys.exit(EXIT_VERIFICATION_FAILED)
 
 
+def _speed_words(speedup: float | None) -> str:
+    """B's speed against A in words: "1.25x faster", "1.25x slower" (never "0.80x faster")."""
+    if not speedup:
+        return "-"
+    if round(speedup, 2) == 1.0:
+        return "same speed"
+    return f"{speedup:.2f}x faster" if speedup > 1 else f"{1 / speedup:.2f}x slower"
+
+
+def _check_same_interface(a, b, name_a: str, name_b: str) -> None:
+    """Two models can be compared only when they take the same inputs and give the same outputs."""
+    import onnx
+
+    def interface(proto):
+        defaults = {t.name for t in proto.graph.initializer}
+        def kind(vi):
+            t = vi.type
+            if t.WhichOneof("value") == "tensor_type":
+                rank = len(t.tensor_type.shape.dim) if t.tensor_type.HasField("shape") else None
+                return onnx.TensorProto.DataType.Name(t.tensor_type.elem_type).lower(), rank
+            return t.WhichOneof("value"), None
+        inputs = {vi.name: kind(vi) for vi in proto.graph.input if vi.name not in defaults}
+        outputs = {vi.name: kind(vi) for vi in proto.graph.output}
+        return inputs, outputs
+
+    for what, mine, theirs in zip(("input", "output"), interface(a), interface(b)):
+        only_a = [n for n in mine if n not in theirs]
+        only_b = [n for n in theirs if n not in mine]
+        if only_a or only_b:
+            parts = ([f"{what}s only in A: {', '.join(only_a)}"] if only_a else []) + ([f"{what}s only in B: {', '.join(only_b)}"] if only_b else [])
+            raise GraphoptError(f"{name_a} and {name_b} have different interfaces ({'; '.join(parts)})")
+        for n, (dtype, rank) in mine.items():
+            other_dtype, other_rank = theirs[n]
+            if dtype != other_dtype or (rank is not None and other_rank is not None and rank != other_rank):
+                raise GraphoptError(
+                    f"{name_a} and {name_b} have different interfaces: {what} '{n}' is {dtype} rank {rank} in A, "
+                    f"{other_dtype} rank {other_rank} in B"
+                )
+
+
+class _ClosedPipeSafe:
+    """stdout that survives its reader going away (`graphopt run ... | head -1`).
+
+    The work goes on and the exit code stays the work's: a reader that stopped reading is no
+    failure of the run. What would have been printed is dropped.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.reader_gone = True
+        # The interpreter flushes stdout once more at exit; on the closed pipe that would print
+        # "Exception ignored ... BrokenPipeError". Point the descriptor at /dev/null instead.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
+    sys.stdout = _ClosedPipeSafe(sys.stdout)
     cli.main(prog_name="graphopt")
 
 

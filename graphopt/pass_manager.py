@@ -8,9 +8,10 @@ the manager and its instruments, not to the pass.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,8 +46,14 @@ class Pass:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    # The lowest -O level whose default pipeline includes this pass (documentation and `passes` listing).
-    opt_level: ClassVar[int] = 1
+    # The lowest -O level (1 to 3) whose default pipeline runs this pass; None: opt-in, it runs
+    # only when named in --passes. None is the default so that registering a pass never changes
+    # what existing pipelines do until its author says at which level it is safe and worth it.
+    opt_level: ClassVar[int | None] = None
+    # Where a pass outside the built-in order (a plugin's) goes in the default pipelines: right
+    # after the pass named here; None: just before the trailing cleanup (cse, dce), which then
+    # sweeps up what it left dead. See pipelines.default_order.
+    run_after: ClassVar[str | None] = None
     # Names of analyses still valid after this pass changed the graph.
     preserves: ClassVar[frozenset[str]] = frozenset()
     subgraphs: ClassVar[bool] = True
@@ -59,16 +66,53 @@ class Pass:
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
+# Where each registered pass came from: "built-in", "plugin FILE" or "package DIST" (see plugins.py).
+_SOURCES: dict[str, str] = {}
+# The plugins being imported right now, innermost last; what registers meanwhile belongs to them.
+_LOADING: list[tuple[str, list[str]]] = []
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available by name to pipelines and to `--passes`."""
     if not cls.name or not cls.description:
         raise TypeError(f"{cls.__name__} needs a name and a one-line description")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"pass name '{cls.name}' is already registered by {_REGISTRY[cls.name].__name__}")
+    if cls.opt_level is not None and (isinstance(cls.opt_level, bool) or cls.opt_level not in (1, 2, 3)):
+        raise TypeError(f"pass '{cls.name}' has opt_level {cls.opt_level!r}; use 1, 2, 3 or None (opt-in)")
+    if cls.run_after is not None and not isinstance(cls.run_after, str):
+        raise TypeError(f"pass '{cls.name}' has run_after {cls.run_after!r}; use a pass name or None")
+    existing = _REGISTRY.get(cls.name)
+    if existing is cls:
+        return cls
+    if existing is not None:
+        raise TypeError(f"pass name '{cls.name}' is already registered by {existing.__name__} ({_SOURCES[cls.name]})")
     _REGISTRY[cls.name] = cls
+    if _LOADING:
+        source, names = _LOADING[-1]
+        names.append(cls.name)
+    else:
+        source = "built-in" if cls.__module__.split(".")[0] == "graphopt" else cls.__module__
+    _SOURCES[cls.name] = source
     return cls
+
+
+@contextlib.contextmanager
+def registering_from(source: str) -> Iterator[None]:
+    """Attribute the passes registered inside the block to `source`; if the block fails, forget
+    them, so that a plugin that broke halfway leaves nothing behind (and can be fixed and loaded again)."""
+    names: list[str] = []
+    _LOADING.append((source, names))
+    try:
+        yield
+    except BaseException:
+        for name in names:
+            del _REGISTRY[name], _SOURCES[name]
+        raise
+    finally:
+        _LOADING.pop()
+
+
+def pass_source(name: str) -> str:
+    return _SOURCES[name]
 
 
 def registered_passes() -> dict[str, type[Pass]]:
@@ -83,9 +127,25 @@ def create_pass(name: str) -> Pass:
     return passes[name]()
 
 
+_library_loaded = False
+
+
 def _load_pass_library() -> None:
     # Importing the library registers its passes; deferred so the core never imports passes eagerly.
-    import graphopt.passes  # noqa: F401
+    # Installed plugins come after the built-ins, so a name clash is blamed on the plugin.
+    global _library_loaded
+    if _library_loaded:
+        return
+    # Set first: a plugin that lists the passes while it is being imported must not load itself again.
+    _library_loaded = True
+    try:
+        import graphopt.passes  # noqa: F401
+        from graphopt import plugins
+
+        plugins.load_installed()
+    except BaseException:
+        _library_loaded = False  # report the broken plugin again on the next use, not a short registry
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
