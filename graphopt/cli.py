@@ -555,7 +555,7 @@ def compare(model_a, model_b, inputs_path, threads, runs, rtol, atol, as_json, i
         expected = None
     else:
         with feedback.phase("choosing input sizes model A runs on"):
-            found = verify.find_inputs(a)
+            found = verify.find_inputs(a_ref, proto=a)
         inputs, expected = found.inputs, found.outputs
         record = {"source": "generated", "dims": found.dims, "tries": found.tries}
     with feedback.phase("running both models in onnxruntime"):

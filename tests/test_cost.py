@@ -364,3 +364,73 @@ def test_bytes_of_packed_untyped_and_string_tensors():
     assert tensor_nbytes(gs.Variable("n", dtype=np.float32, shape=["n", 2]), {"n": 3}) == 24
     assert tensor_nbytes(gs.Constant("c", np.zeros((2, 2), dtype=np.int64))) == 32
     assert tensor_nbytes(gs.Variable("scalar", dtype=np.float32, shape=[])) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and compile-time constants
+
+
+def _gs_node(op, inputs, outputs, domain=None, **attrs):
+    xs = [gs.Variable(n, dtype=np.float32, shape=s) for n, s in inputs]
+    ys = [gs.Variable(n, dtype=np.float32, shape=s) for n, s in outputs]
+    return gs.Node(op, inputs=xs, outputs=ys, domain=domain, attrs=attrs)
+
+
+def test_onnx_attention_4d_counts_both_products_and_softmax():
+    # B=2, H=4, S_q=8, S_kv=16, D=32, D_v=32: scores 2*4*8*16 = 1024.
+    node = _gs_node("Attention", [("q", [2, 4, 8, 32]), ("k", [2, 4, 16, 32]), ("v", [2, 4, 16, 32])], [("y", [2, 4, 8, 32])])
+    assert node_cost(node).flops == 2 * 1024 * 32 + 2 * 1024 * 32 + 5 * 1024
+
+
+def test_onnx_attention_3d_uses_the_head_attributes():
+    node = _gs_node(
+        "Attention", [("q", [1, 8, 128]), ("k", [1, 8, 128]), ("v", [1, 8, 64])], [("y", [1, 8, 128])],
+        q_num_heads=4, kv_num_heads=4,
+    )
+    scores = 1 * 4 * 8 * 8
+    assert node_cost(node).flops == 2 * scores * 32 + 2 * scores * 16 + 5 * scores
+
+
+def test_com_microsoft_attention_counts_the_projection_too():
+    node = _gs_node("Attention", [("x", [1, 16, 64]), ("w", [64, 192]), ("b", [192])], [("y", [1, 16, 64])],
+                    domain="com.microsoft", num_heads=2)
+    scores = 1 * 2 * 16 * 16
+    assert node_cost(node).flops == 2 * 16 * 64 * 192 + 16 * 192 + 2 * scores * 32 * 2 + 5 * scores
+    mha = _gs_node("MultiHeadAttention", [("q", [1, 16, 64]), ("k", [1, 4, 64]), ("v", [1, 4, 64])], [("y", [1, 16, 64])],
+                   domain="com.microsoft", num_heads=2)
+    scores = 1 * 2 * 16 * 4
+    assert node_cost(mha).flops == 2 * scores * 32 * 2 + 5 * scores
+    assert graph_cost(gs.Graph(nodes=[mha], inputs=mha.inputs, outputs=mha.outputs))["uncounted_ops"] == set()
+
+
+def test_nodes_computed_from_constants_alone_cost_nothing_and_are_known():
+    # Range(0, Cast(Gather(Shape(x), 1)), 1): the length of a static x, computed at load time.
+    g = _import(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "one"], ["n"]),
+            helper.make_node("Range", ["zero", "n", "step"], ["r"]),
+            helper.make_node("Cast", ["r"], ["rf"], to=F32),
+            helper.make_node("Reshape", ["rf", "five"], ["row"]),
+            helper.make_node("Add", ["x", "row"], ["y"]),
+        ],
+        [_vi("x", [3, 5])],
+        [_vi("y", None)],
+        [numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+         numpy_helper.from_array(np.array(1, np.int64), "step"), numpy_helper.from_array(np.array([5], np.int64), "five")],
+    )
+    # onnx's inference cannot tell Range's length from a computed limit; the rule makes that moot.
+    assert _only_node(g, "Range").outputs[0].shape[0] != 5
+    total = graph_cost(g)
+    assert total["unknown_nodes"] == 0 and total["known"]
+    assert total["flops"] == 15  # the Add alone
+
+
+def test_random_ops_are_never_compile_time_constants():
+    g = _import(
+        [helper.make_node("RandomNormal", [], ["r"], shape=[3, 5]), helper.make_node("Add", ["x", "r"], ["y"])],
+        [_vi("x", [3, 5])],
+        [_vi("y", None)],
+    )
+    assert graph_cost(g)["by_op"]["Add"]["flops"] == 15
+    assert graph_cost(g)["by_op"]["RandomNormal"]["bytes"] == 60

@@ -73,3 +73,18 @@ def test_tier_spans_exporters():
         pytest.skip("not every real-model package is installed")
     exporters = {e.exporter.split(" (")[0] for e in available}
     assert len(available) >= 6 and len(exporters) >= 4, exporters
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_cli_verifies_with_no_options(name, cli, tmp_path):
+    """`graphopt run MODEL` with nothing else: it finds input sizes the original runs on, verifies, writes."""
+    try:
+        real = zoo.load(name)
+    except zoo.ModelUnavailable as missing:
+        pytest.skip(str(missing))
+    src = tmp_path / f"{name}.onnx"
+    src.write_bytes(real.model.SerializeToString())
+    proc = cli("run", src, cwd=tmp_path)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
+    assert (tmp_path / f"{name}.opt.onnx").is_file()
+    assert "fidelity vs the original" in proc.stdout

@@ -165,3 +165,28 @@ def test_first_use_of_digits_says_it_trains(tmp_path, monkeypatch):
     # A model built from code alone has nothing slow to announce.
     models.load("bert_tiny", notify=notes.append)
     assert notes == []
+
+
+def test_progress_names_the_running_pass_and_its_iteration():
+    import io
+
+    from rich.console import Console
+
+    from graphopt.feedback import Feedback, PassProgress
+    from graphopt.optimize import optimize_model
+
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    feedback = Feedback(terminal)
+    assert feedback.live
+    seen = []
+    feedback.update = seen.append  # what the live status would show, in order
+    with feedback.phase("optimizing"):
+        optimize_model(models.load("bert_tiny"), instruments=[PassProgress(feedback)])
+    assert any(s.startswith("fold-constants (iteration 1,") for s in seen)
+    assert any(s.startswith("dce (iteration 2,") for s in seen)  # -O2 runs to a fixed point
+    # Not on a terminal: no live status, one plain line per phase instead.
+    log = io.StringIO()
+    plain = Feedback(Console(file=log, force_terminal=False))
+    with plain.phase("optimizing x"):
+        plain.update("dce (iteration 1)")
+    assert log.getvalue() == "graphopt: optimizing x\n"

@@ -62,7 +62,12 @@ Computed from constants alone (graph_cost only)
     0 flops and 0 bytes, known: a node of ai.onnx whose inputs are all constants, or results of such
     nodes (Shape and Size of a tensor of known shape count as constants), runs once when a runtime loads the model (and graphopt's folding removes it), never per
     inference. Random ops and nodes with subgraphs are never counted as such.
-Anything else, including every op of a domain other than ai.onnx (com.microsoft, ai.onnx.ml, ...)
+Attention (ai.onnx, opset 23), MultiHeadAttention and Attention (com.microsoft)
+    Per (batch, head): 2 * S_q * S_kv * D for Q @ K^T, 2 * S_q * S_kv * D_v for the probabilities
+    times V, and 5 * S_q * S_kv for the softmax; S_kv includes ai.onnx Attention's past_key. The
+    com.microsoft Attention also projects its input: 2 * B * S * in * 3H, + B * S * 3H for the bias.
+    Masks, scaling and the output projection (a separate MatMul) are not counted.
+Anything else, including every other op of a domain other than ai.onnx (com.microsoft, ai.onnx.ml, ...)
     0 flops; graph_cost lists it in "uncounted_ops" so a caller can tell "free" from "no rule".
 
 Bytes
@@ -323,6 +328,60 @@ def _einsum(node: gs.Node, shape: _Shapes) -> int:
     return (len(operands) - 1) * product + (product if summed else 0)
 
 
+def _attention_core(batch: int, heads: int, q_seq: int, kv_seq: int, head: int, v_head: int) -> int:
+    # Q @ K^T and probabilities @ V, each a multiply-accumulate per (query, key, channel); softmax 5
+    # per score, as the Softmax rule counts it.
+    scores = batch * heads * q_seq * kv_seq
+    return 2 * scores * head + 2 * scores * v_head + 5 * scores
+
+
+def _heads_and_size(shape3or4: tuple[int, ...], heads_attr) -> tuple[int, int, int, int]:
+    """(batch, heads, seq, head size) of a [B, H, S, D] or [B, S, H*D] tensor."""
+    if len(shape3or4) == 4:
+        b, h, s, d = shape3or4
+        return b, h, s, d
+    if len(shape3or4) == 3 and heads_attr:
+        b, s, hidden = shape3or4
+        return b, int(heads_attr), s, hidden // int(heads_attr)
+    raise _Unknown
+
+
+def _attention(node: gs.Node, shape: _Shapes) -> int:
+    """ai.onnx Attention (opset 23): Q, K, V as [B, H, S, D] or [B, S, H*D] with q/kv_num_heads."""
+    b, heads, q_seq, head = _heads_and_size(shape(node.inputs[0]), node.attrs.get("q_num_heads"))
+    _, _, kv_seq, _ = _heads_and_size(shape(_input(node, 1)), node.attrs.get("kv_num_heads"))
+    _, _, _, v_head = _heads_and_size(shape(_input(node, 2)), node.attrs.get("kv_num_heads"))
+    past = _input(node, 4)  # past_key [B, H, past, D]: attended to as well
+    if past is not None:
+        kv_seq += shape(past)[2]
+    return _attention_core(b, heads, q_seq, kv_seq, head, v_head)
+
+
+def _ms_multihead_attention(node: gs.Node, shape: _Shapes) -> int:
+    """com.microsoft MultiHeadAttention: query [B, S, H*D], key/value [B, L, H*D] (or packed)."""
+    heads = int(node.attrs.get("num_heads", 0)) or 1
+    q = shape(node.inputs[0])
+    if len(q) != 3:
+        raise _Unknown
+    b, q_seq, hidden = q
+    k = shape(_input(node, 1)) if _input(node, 1) is not None else q
+    kv_seq = k[1] if len(k) == 3 else k[2]
+    return _attention_core(b, heads, q_seq, kv_seq, hidden // heads, hidden // heads)
+
+
+def _ms_attention(node: gs.Node, shape: _Shapes) -> int:
+    """com.microsoft Attention: input [B, S, in] times weights [in, 3*hidden], then self-attention."""
+    heads = int(node.attrs.get("num_heads", 0)) or 1
+    x = shape(node.inputs[0])
+    w = shape(_input(node, 1))
+    if len(x) != 3 or len(w) != 2:
+        raise _Unknown
+    b, seq, _ = x
+    hidden = w[1] // 3
+    projection = 2 * b * seq * w[0] * w[1] + (b * seq * w[1] if _input(node, 2) is not None else 0)
+    return projection + _attention_core(b, heads, seq, seq, hidden // heads, hidden // heads)
+
+
 def _recurrent_rule(gates: int) -> Rule:
     def rule(node: gs.Node, shape: _Shapes) -> int:
         x = shape(node.inputs[0])
@@ -451,9 +510,24 @@ _RULES: dict[str, Rule] = {
     "LpPool": _window_pool,
     "Resize": _resize,
     "Upsample": _resize,
+    "Attention": _attention,
     **{op: _per_output_element(1) for op in _ELEMENTWISE},
     **{op: _per_input_element(1) for op in _REDUCTIONS},
 }
+
+
+# Rules for ops outside ai.onnx, by (domain, op): the fused attention onnxruntime's transformer
+# optimizer (and graphopt's fusion) writes.
+_DOMAIN_RULES: dict[tuple[str, str], Rule] = {
+    ("com.microsoft", "MultiHeadAttention"): _ms_multihead_attention,
+    ("com.microsoft", "Attention"): _ms_attention,
+}
+
+
+def _rule(node: gs.Node) -> Rule | None:
+    if _is_default_domain(node):
+        return _RULES.get(node.op)
+    return _DOMAIN_RULES.get((node.domain, node.op))
 
 
 def _is_default_domain(node: gs.Node) -> bool:
@@ -463,7 +537,7 @@ def _is_default_domain(node: gs.Node) -> bool:
 def has_rule(node: gs.Node) -> bool:
     """Whether the node's flops are counted by a rule (data movement and control flow count as rules: 0)."""
     if not _is_default_domain(node):
-        return False
+        return (node.domain, node.op) in _DOMAIN_RULES
     return node.op in _RULES or node.op in DATA_MOVEMENT_OPS or node.op in CONTROL_FLOW_OPS
 
 
@@ -481,7 +555,7 @@ def node_cost(node: gs.Node, symbolic_dims: SymbolicDims = None) -> NodeCost:
     bytes_read, read_known = _sum_bytes(node.inputs, symbolic_dims)
     bytes_written, written_known = _sum_bytes(node.outputs, symbolic_dims)
     flops, flops_known = 0, True
-    rule = _RULES.get(node.op) if _is_default_domain(node) else None
+    rule = _rule(node)
     if rule is not None:
         try:
             flops = int(rule(node, _Shapes(symbolic_dims)))
