@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -128,7 +130,7 @@ def test_parse_all_refuses_two_values_for_one_name():
 # What specialization lets fold: a torch-exported encoder
 
 
-def _export_encoder(dynamic: bool) -> onnx.ModelProto:
+def _export_encoder(dynamic: bool, exporter: str = "legacy") -> onnx.ModelProto:
     torch = pytest.importorskip("torch")
     from torch import nn
 
@@ -162,6 +164,14 @@ def _export_encoder(dynamic: bool) -> onnx.ModelProto:
     module = Encoder().eval()
     ids = torch.randint(0, 50, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.int64)
+    if exporter == "dynamo":
+        batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
+        dynamic_shapes = {"ids": {0: batch, 1: seq}, "mask": {0: batch, 1: seq}} if dynamic else None
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, (ids, mask), dynamo=True, input_names=["ids", "mask"],
+                                        output_names=["hidden"], dynamic_shapes=dynamic_shapes, verbose=False)
+        return program.model_proto
     buffer = io.BytesIO()
     dynamic_axes = {"ids": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}} if dynamic else None
     torch.onnx.export(module, (ids, mask), buffer, dynamo=False, input_names=["ids", "mask"],
@@ -174,9 +184,10 @@ def _nodes_after(model: onnx.ModelProto) -> int:
     return len(optimized.graph.node)
 
 
-def test_dims_fold_a_dynamic_torch_encoder_to_its_static_export():
-    static = _nodes_after(_export_encoder(dynamic=False))
-    dynamic = _export_encoder(dynamic=True)
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_dims_fold_a_dynamic_torch_encoder_to_its_static_export(exporter):
+    static = _nodes_after(_export_encoder(dynamic=False, exporter=exporter))
+    dynamic = _export_encoder(dynamic=True, exporter=exporter)
     unspecialized = _nodes_after(_copy(dynamic))
 
     specialized = _copy(dynamic)
