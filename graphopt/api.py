@@ -26,9 +26,11 @@ import numpy as np
 import onnx
 
 from graphopt import ir
+from graphopt import targets as _targets
 from graphopt import verify as _verify
 from graphopt.errors import GraphoptError, VerificationError
-from graphopt.optimize import Report, optimize_model, resolve_source
+from graphopt.optimize import Report, check_opset, optimize_model, resolve_source
+from graphopt.specialize import specialize_proto
 from graphopt.pipelines import PassInfo, describe_passes
 from graphopt.plugins import load_plugins
 
@@ -68,6 +70,8 @@ def optimize(
     disable: Sequence[str] | None = None,
     plugins: Sequence[str] | None = None,
     cleanup: bool = True,
+    dims: dict[str, int] | None = None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
     verify: bool = True,
     inputs: dict[str, np.ndarray] | str | os.PathLike | None = None,
     rtol: float = 1e-3,
@@ -76,7 +80,9 @@ def optimize(
     """Optimize a model (a file, `zoo:NAME` or a ModelProto, which is left untouched) for a target.
 
     Like `graphopt run`: `passes` replaces the level's pipeline (ended by dce unless `cleanup` is
-    False), `disable` leaves passes out, `plugins` are loaded first (files or module names). With
+    False), `disable` leaves passes out, `plugins` are loaded first (files or module names).
+    `dims` ({"batch": 1}) and `input_shapes` ({"input_ids": [1, 128]}) specialize the model first,
+    as --dim and --input-shape do. With
     `verify`, the result is compared with the original in onnxruntime on `inputs` (a dict or an
     .npz path) or on generated ones, and VerificationError is raised if an output moved beyond
     rtol/atol.
@@ -89,6 +95,8 @@ def optimize(
         source = os.fspath(model)
         proto, path = resolve_source(source)
         reference = path if path is not None else _copy(proto)
+    specialization = specialize_proto(proto, input_shapes, dims)
+    check_opset(proto, _targets.get(target))
     feeds = expected = record = None
     if verify:
         # Before optimizing, which consumes the proto.
@@ -108,6 +116,7 @@ def optimize(
         disabled=_names(disable),
         cleanup=cleanup,
         source=source,
+        specialization=specialization,
     )
     report.verification_inputs = record
     result = Result(optimized, report)
@@ -132,8 +141,6 @@ def passes(plugins: Sequence[str] | None = None) -> dict[str, PassInfo]:
 
 def targets() -> dict:
     """The targets by name (graphopt.targets.Target: runtime, max_opset, description, ...)."""
-    from graphopt import targets as _targets
-
     return _targets.available()
 
 

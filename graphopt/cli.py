@@ -164,14 +164,15 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
     from graphopt import ir, targets
     from graphopt import verify as verify_mod
     from graphopt.feedback import Feedback, PassProgress
-    from graphopt.optimize import optimize_model
+    from graphopt.optimize import check_opset, optimize_model
     from graphopt.plugins import load_plugins
 
-    targets.get(target)  # fail fast on an unknown target, before any model work
+    tgt = targets.get(target)  # fail fast on an unknown target, before any model work
     load_plugins(plugins)  # and on a broken plugin
     feedback = Feedback(err_console, quiet=quiet)
     input_files: set[Path] = set()
     proto, path, specialization = _load(model, feedback, input_files, input_shapes, dims)
+    check_opset(proto, tgt)  # before verification runs the original
     name = Path(path).name if path else model[4:] + ".onnx"
     out = Path(output) if output else Path(Path(name).stem + ".opt.onnx")
     written = {"output": out, "output's external data": out.with_name(out.name + ".data")}

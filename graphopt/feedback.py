@@ -3,7 +3,7 @@
 On a terminal, each phase (loading, optimizing, verifying, writing) shows a transient rich status
 that names what runs now, down to the pass and its fixed-point iteration. When stderr is not a
 terminal (CI logs, `2> log`), a status line would be noise or nothing at all, so each phase prints
-one plain line instead. Everything goes to stderr: stdout carries the report alone, so it can be
+one plain line instead, when it is done. Everything goes to stderr: stdout carries the report alone, so it can be
 piped or parsed. `quiet` silences all of it (errors are printed elsewhere).
 """
 
@@ -25,7 +25,8 @@ class Feedback:
         self.quiet = quiet
         self.live = console.is_terminal and not quiet
         self._status = None
-        self._phase = ""
+        # Phases run inside each other (verifying happens while writing): the innermost is shown.
+        self._phases: list[str] = []
 
     def note(self, text: str) -> None:
         """A line worth keeping in the log (not transient): a first-time training, dims chosen."""
@@ -34,25 +35,36 @@ class Feedback:
 
     @contextlib.contextmanager
     def phase(self, text: str) -> Iterator[None]:
-        self._phase = text
-        if self.quiet:
-            yield
-            return
-        if not self.live:
-            self.note(text)
-            yield
-            return
-        with self.console.status(escape(text), spinner="dots") as status:
-            self._status = status
-            try:
+        self._phases.append(text)
+        start = time.perf_counter()
+        try:
+            if self.live and self._status is None:
+                with self.console.status(escape(text), spinner="dots") as status:
+                    self._status = status
+                    try:
+                        yield
+                    finally:
+                        self._status = None
+            else:
+                self._show(text)
                 yield
-            finally:
-                self._status = None
+        finally:
+            self._phases.pop()
+            if self._phases:
+                self._show(self._phases[-1])
+        if not self.live:
+            # Said when the phase is done, with its time: a log then records what was done and
+            # where the time went, and a phase that fails leaves only its error (one line).
+            self.note(f"{text}: done in {time.perf_counter() - start:.1f} s")
 
     def update(self, detail: str) -> None:
         """Say what the current phase is doing now (shown on a terminal only)."""
+        if self._phases:
+            self._show(f"{self._phases[-1]}: {detail}")
+
+    def _show(self, text: str) -> None:
         if self._status is not None:
-            self._status.update(f"{escape(self._phase)}: {escape(detail)}")
+            self._status.update(escape(text))
 
 
 class PassProgress(Instrument):

@@ -97,6 +97,15 @@ def resolve_source(spec: str, files: set | None = None, notify=None) -> tuple[on
     return ir.load_proto(spec, files=files), spec
 
 
+def check_opset(proto: onnx.ModelProto, target) -> None:
+    """Refuse a model whose ai.onnx opset the target's runtime does not run (before anything runs it)."""
+    opset = next((v for d, v in ((i.domain, i.version) for i in proto.opset_import) if d in ir.DEFAULT_DOMAINS), None)
+    if opset is not None and opset > target.max_opset:
+        raise GraphoptError(
+            f"model uses opset {opset} but the {target.name} runtime supports opsets up to {target.max_opset}"
+        )
+
+
 def optimize(proto: onnx.ModelProto, **kwargs) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and return it as a ModelProto (see `optimize_model` for the arguments)."""
     model, report = optimize_model(proto, **kwargs)
@@ -134,11 +143,7 @@ def optimize_model(
     tgt = targets.get(target)
     pipeline = build_pipeline(opt_level, tgt, only=passes, disabled=disabled, cleanup=cleanup)
     bytes_before = ir.approx_nbytes(proto)
-    opset = next((v for d, v in ((i.domain, i.version) for i in proto.opset_import) if d in ir.DEFAULT_DOMAINS), None)
-    if opset is not None and opset > tgt.max_opset:
-        raise GraphoptError(
-            f"model uses opset {opset} but the {tgt.name} runtime supports opsets up to {tgt.max_opset}"
-        )
+    check_opset(proto, tgt)
     if verify_each and reference is None:
         raise GraphoptError("--verify-each needs the original model to compare against")
     model = ir.from_proto(proto, fold_input_defaults=fold_input_defaults)

@@ -3,11 +3,11 @@
 A plugin is ordinary Python that registers passes with `@register_pass` when it is imported. An
 installed package offers plugins through entry points in the `graphopt.passes` group; each names
 a module (importing it registers its passes) or a Pass subclass (registered as it is). They are
-loaded when the pass registry is first used, like pytest loads its plugins, and the same
-environment variable idea switches that off: GRAPHOPT_DISABLE_PLUGIN_AUTOLOAD=1.
+loaded when the pass registry is first used, as pytest loads its plugins; as pytest's
+PYTEST_DISABLE_PLUGIN_AUTOLOAD does, GRAPHOPT_DISABLE_PLUGIN_AUTOLOAD=1 skips them.
 
-Every failure is a one-line GraphoptError that names the plugin, and a plugin that fails leaves no
-pass of its behind (see pass_manager.registering_from).
+Every failure is a one-line GraphoptError that names the plugin, and a plugin that fails leaves
+none of its passes behind (see pass_manager.registering_from).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def load_plugins(specs: Iterable[str] | None) -> None:
     """Load the given plugins after the built-in and installed ones (which load even with none
     given: a broken installed plugin is then reported before any model work)."""
     registered_passes()
+    if isinstance(specs, str):  # one plugin, not a sequence of one-letter names
+        specs = [specs]
     for spec in specs or ():
         load_plugin(spec)
 

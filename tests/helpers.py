@@ -43,3 +43,8 @@ def optimize_checked(model, *, passes=None, opt_level=2, rtol=1e-4, atol=1e-5, i
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The non-empty lines of a CLI's stderr that are not progress ("graphopt: <phase>: done in ...")."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("graphopt: ")]

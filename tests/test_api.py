@@ -113,3 +113,15 @@ def test_errors_are_graphopt_errors():
         api.optimize(copy(_relu_neg()), target="riscv")
     with pytest.raises(GraphoptError, match="plugin missing.py: no such file"):
         api.optimize(_relu_neg(), plugins=["missing.py"])
+
+
+def test_dims_specialize_like_the_cli():
+    from graphopt import models
+
+    result = api.optimize("zoo:digits_cnn", dims={"batch": 4})
+    assert result.report.specialization.dims == {"batch": 4}
+    assert [d.dim_value for d in result.model.graph.input[0].type.tensor_type.shape.dim] == [4, 1, 8, 8]
+    assert result.report.after.flops_exact and result.fidelity.ok
+    assert result.report.verification_inputs["tries"] == 1  # all static now: nothing to search
+    with pytest.raises(GraphoptError, match="--input-shape input: axis 1 is 1"):
+        api.optimize(models.load("digits_cnn"), input_shapes={"input": [1, 3, 8, 8]})

@@ -20,6 +20,7 @@ import pytest
 
 from graphopt import models
 from bad_inputs.generate import small_model
+from helpers import error_lines
 
 EXIT_BAD_INPUT = 2
 OUT_ARGS = ["-o", "out.onnx", "--report", "report.json"]
@@ -58,8 +59,8 @@ def _expect_bad_input(cli, work: Path, args: list, *, inputs: list[Path] = (), m
     proc = cli(*args, cwd=work, timeout=timeout)
     report = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == EXIT_BAD_INPUT, report
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{report}"
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, f"expected exactly one line on stderr besides progress, got {len(lines)}:\n{report}"
     line = lines[0]
     for text in mentions:
         assert text in line, f"{text!r} not named in the error:\n{report}"
@@ -315,3 +316,12 @@ def test_inputs_that_onnxruntime_rejects(cli_narrow, work):
     )
     line = _expect_bad_input(cli_narrow, work, ["run", "zoo:bert_tiny", "--inputs", "x.npz", *OUT_ARGS], inputs=[work / "x.npz"])
     assert "onnxruntime" in line, line
+
+
+def test_quiet_bad_input_is_exactly_one_line(cli, tmp_path):
+    """With -q there is no progress at all: stderr is the error line alone."""
+    model = tmp_path / "m.onnx"
+    onnx.save(small_model(), model)
+    proc = cli("run", model, "-q", "-o", tmp_path / "missing" / "out.onnx", cwd=tmp_path)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert proc.stderr.strip().splitlines() == [f"error: cannot write {tmp_path / 'missing' / 'out.onnx'}: folder {tmp_path / 'missing'} does not exist"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import pytest
 from bad_inputs.generate import Case, case_names, generate
+from helpers import error_lines
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -59,8 +60,8 @@ def _exe(case: Case) -> list[str] | None:
 
 
 def _check_one_line(proc, case: Case, report: str) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{report}"
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, f"expected exactly one line on stderr besides progress, got {len(lines)}:\n{report}"
     line = lines[0]
     assert line.startswith("error: "), f"not a bad-input error line:\n{report}"
     for text in ([case.error] if case.error is not None else []) + list(case.mentions):
@@ -191,7 +192,7 @@ def test_output_folder_on_a_full_tmpfs(cli_narrow, tmp_path):
     proc = cli_narrow("run", "model.onnx", "-o", "full/out.onnx", "--report", "report.json", cwd=work, exe=exe)
     report = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == EXIT_BAD_INPUT, report
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "cannot write full/out.onnx" in lines[0], report
     # Inside the tmpfs: only the filler, before and after (no temporary folder left behind).
     tmpfs_before = Path(f"{listing}.before").read_text().split()

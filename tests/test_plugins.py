@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from helpers import F, make_model, op_types
+from helpers import F, error_lines, make_model, op_types
 from onnx import helper
 from readme import readme_block
 
@@ -45,7 +45,7 @@ def _assert_ok(proc: subprocess.CompletedProcess) -> None:
 def _assert_one_line_error(proc: subprocess.CompletedProcess, *mentions: str) -> str:
     assert proc.returncode == EXIT_BAD_INPUT, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     # Progress notes ("graphopt: loading ...") may come before it; the error is one line of its own.
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("graphopt: ")]
+    lines = error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for word in mentions:
         assert word in lines[0], lines[0]
@@ -289,15 +289,18 @@ def test_a_failed_plugin_leaves_no_pass_behind_and_a_file_loads_once(scratch_reg
 
 
 def test_builtin_pipelines_are_unchanged_and_agree_with_opt_levels():
-    assert level_passes(0) == []
-    assert level_passes(1) == O1
-    assert level_passes(2) == O2
-    assert level_passes(3) == O2
     passes = registered_passes()
     for name in _LEVEL_PASSES[2]:
         assert passes[name].opt_level in (1, 2, 3), name
         assert describe_passes()[name].source == "built-in"
-    assert build_pipeline(2).pass_names() == O2
+    # Built-in passes added since keep their own level; the ones that were there keep their
+    # levels and their order.
+    assert level_passes(0) == []
+    for level, before in ((1, O1), (2, O2), (3, O2)):
+        names = level_passes(level)
+        assert names == [n for n in _LEVEL_PASSES[2] if passes[n].opt_level <= level]
+        assert [n for n in names if n in O2] == before
+    assert build_pipeline(2).pass_names() == level_passes(2)
 
 
 def test_a_pass_without_opt_level_is_opt_in(scratch_registry):
@@ -310,8 +313,8 @@ def test_a_pass_without_opt_level_is_opt_in(scratch_registry):
 def test_plugin_passes_go_before_the_trailing_cleanup(scratch_registry):
     register_pass(_pass("test-level-2", opt_level=2))
     register_pass(_pass("test-level-1", opt_level=1))
-    assert level_passes(1) == ["constant-to-initializer", "eliminate-noop", "test-level-1", "dce"]
-    assert level_passes(2) == O2[:-2] + ["test-level-1", "test-level-2", "cse", "dce"]
+    assert level_passes(1)[-2:] == ["test-level-1", "dce"]
+    assert level_passes(2)[-4:] == ["test-level-1", "test-level-2", "cse", "dce"]
     assert level_passes(3) == level_passes(2)
     assert describe_passes()["test-level-2"].level == "-O2"
 
@@ -322,7 +325,8 @@ def test_run_after_places_a_pass_after_the_named_one(scratch_registry):
     order = level_passes(2)
     assert order[order.index("fold-constants") + 1 : order.index("fold-constants") + 3] == ["test-after-fold", "test-after-that"]
     # At -O1 the anchor does not run, and the pass keeps its place among those that do.
-    assert level_passes(1) == ["constant-to-initializer", "test-after-that", "eliminate-noop", "dce"]
+    o1 = level_passes(1)
+    assert o1.index("constant-to-initializer") < o1.index("test-after-that") < o1.index("eliminate-noop")
 
 
 @pytest.mark.parametrize(
