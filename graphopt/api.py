@@ -28,7 +28,6 @@ import onnx
 from graphopt import ir
 from graphopt import targets as _targets
 from graphopt import verify as _verify
-from graphopt.errors import GraphoptError, VerificationError
 from graphopt.optimize import Report, check_opset, optimize_model, resolve_source
 from graphopt.specialize import specialize_proto
 from graphopt.pipelines import PassInfo, describe_passes
@@ -98,16 +97,8 @@ def optimize(
     specialization = specialize_proto(proto, input_shapes, dims)
     check_opset(proto, _targets.get(target))
     feeds = expected = record = None
-    if verify:
-        # Before optimizing, which consumes the proto.
-        if inputs is None:
-            # Sizes for symbolic dims that the original runs on; it ran on them, so its outputs come along.
-            found = _verify.find_inputs(reference, proto=proto)
-            feeds, expected = found.inputs, found.outputs
-            record = {"source": "generated", "dims": found.dims, "tries": found.tries}
-        else:
-            feeds = inputs if isinstance(inputs, dict) else _verify.load_inputs(inputs, proto)
-            record = {"source": "given" if isinstance(inputs, dict) else os.fspath(inputs)}
+    if verify:  # before optimizing, which consumes the proto
+        feeds, expected, record = _verify.reference_inputs(reference, proto, inputs)
     optimized, report = optimize_model(
         proto,
         target=target,
@@ -122,14 +113,9 @@ def optimize(
     result = Result(optimized, report)
     if verify:
         if expected is None:
-            expected = _run_original(reference, feeds)
+            expected = _verify.original_outputs(reference, feeds, remedy="pass other inputs or verify=False")
         report.fidelity = _verify.compare(expected, _run(result, feeds), rtol=rtol, atol=atol)
-        if not report.fidelity.ok:
-            worst = report.fidelity.worst()
-            raise VerificationError(
-                f"optimized model differs from the original: output '{worst.name}' max abs error "
-                f"{worst.max_abs_error:.3g} (rtol {rtol}, atol {atol})"
-            )
+        _verify.require_within_tolerance(report.fidelity, rtol, atol)
     return result
 
 
@@ -157,14 +143,6 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     return copy
-
-
-def _run_original(reference, feeds) -> dict[str, np.ndarray]:
-    try:
-        return _verify.run(reference, feeds)
-    except GraphoptError as exc:
-        # Not the result failing: say so, as the CLI does.
-        raise GraphoptError(f"the original model fails in onnxruntime on the given inputs ({exc}); pass other inputs or verify=False") from None
 
 
 def _run(result: Result, feeds) -> dict[str, np.ndarray]:

@@ -129,13 +129,13 @@ def _verification_inputs(reference, proto, inputs_path, feedback):
     from graphopt import verify as verify_mod
 
     if inputs_path:
-        return verify_mod.load_inputs(inputs_path, proto), None, {"source": inputs_path}
+        return verify_mod.reference_inputs(reference, proto, inputs_path)
     with feedback.phase("choosing input sizes the original model runs on"):
-        found = verify_mod.find_inputs(proto if reference is None else reference, proto=proto)
-    if found.dims:
-        tries = f" ({found.tries} tries)" if found.tries > 1 else ""
-        feedback.note("verifying on generated inputs with " + ", ".join(f"{k}={v}" for k, v in found.dims.items()) + tries)
-    return found.inputs, found.outputs, {"source": "generated", "dims": found.dims, "tries": found.tries}
+        inputs, outputs, record = verify_mod.reference_inputs(reference, proto)
+    if record["dims"]:
+        tries = f" ({record['tries']} tries)" if record["tries"] > 1 else ""
+        feedback.note("verifying on generated inputs with " + ", ".join(f"{k}={v}" for k, v in record["dims"].items()) + tries)
+    return inputs, outputs, record
 
 
 @cli.command()
@@ -234,14 +234,12 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
         if not verify:
             return
         with feedback.phase("verifying against the original in onnxruntime"):
-            expected = original_outputs if original_outputs is not None else _run_original(reference, inputs, given=bool(inputs_path))
+            expected = original_outputs
+            if expected is None:
+                remedy = "pass real inputs with --inputs FILE.npz or skip verification with --no-verify"
+                expected = verify_mod.original_outputs(reference, inputs, remedy=remedy)
             report.fidelity = verify_mod.compare(expected, verify_mod.run(str(staged), inputs), rtol=rtol, atol=atol)
-        if not report.fidelity.ok:
-            worst = report.fidelity.worst()
-            raise VerificationError(
-                f"optimized model differs from the original: output '{worst.name}' max abs error "
-                f"{worst.max_abs_error:.3g} (rtol {rtol}, atol {atol}); nothing written"
-            )
+        verify_mod.require_within_tolerance(report.fidelity, rtol, atol, "; nothing written")
 
     try:
         with feedback.phase(f"writing {out}"):
@@ -253,20 +251,6 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
     _finish_report(report, report_path, quiet, verbose)
     if not quiet:
         console.print(f"wrote [bold]{escape(str(out))}[/bold]")
-
-
-def _run_original(reference, inputs, *, given: bool):
-    """The original's outputs; when the original itself fails, say so (it is not our result failing)."""
-    from graphopt import verify as verify_mod
-
-    try:
-        return verify_mod.run(reference, inputs)
-    except GraphoptError as exc:
-        origin = "the given" if given else "generated"
-        raise GraphoptError(
-            f"the original model fails in onnxruntime on {origin} inputs ({exc}); "
-            "pass real inputs with --inputs FILE.npz or skip verification with --no-verify"
-        ) from None
 
 
 def _finish_report(report, report_path, quiet: bool = False, verbose: bool = False) -> None:
@@ -551,14 +535,8 @@ def compare(model_a, model_b, inputs_path, threads, runs, rtol, atol, as_json, i
     _check_same_interface(a, b, model_a, model_b)
     a_ref = path_a or a
     b_ref = path_b or b
-    if inputs_path:
-        inputs, record = verify.load_inputs(inputs_path, a), {"source": inputs_path}
-        expected = None
-    else:
-        with feedback.phase("choosing input sizes model A runs on"):
-            found = verify.find_inputs(a_ref, proto=a)
-        inputs, expected = found.inputs, found.outputs
-        record = {"source": "generated", "dims": found.dims, "tries": found.tries}
+    with feedback.phase("choosing input sizes model A runs on"):
+        inputs, expected, record = verify.reference_inputs(a_ref, a, inputs_path)
     with feedback.phase("running both models in onnxruntime"):
         if expected is None:
             expected = verify.run(a_ref, inputs, threads=threads)

@@ -41,7 +41,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from graphopt.errors import GraphoptError, one_line
+from graphopt.errors import GraphoptError, VerificationError, one_line
 
 from graphopt.ir import PROTOBUF_LIMIT_BYTES, all_graphs, all_nodes, approx_nbytes  # over the limit: ORT gets a file
 
@@ -642,6 +642,48 @@ def latency_ms(
         _run_session(sess, feeds)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+# ---------------------------------------------------------------------------------------------
+# Verifying a result against its original (what `graphopt run` and `api.optimize` share)
+
+
+def reference_inputs(
+    reference: onnx.ModelProto | str,
+    proto: onnx.ModelProto | None = None,
+    given: dict[str, np.ndarray] | str | os.PathLike | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict]:
+    """What to verify on: (inputs, the original's outputs on them if already computed, how they were chosen).
+
+    `given` inputs (a dict, or an .npz path checked against `proto`) are used as they are;
+    otherwise `find_inputs` generates inputs the original runs on, shaped like `proto` (the
+    original, possibly specialized) and run with `reference` (its file, when there is one).
+    """
+    if given is None:
+        found = find_inputs(reference, proto=proto)
+        return found.inputs, found.outputs, {"source": "generated", "dims": found.dims, "tries": found.tries}
+    if isinstance(given, dict):
+        return given, None, {"source": "given"}
+    return load_inputs(given, proto if proto is not None else reference), None, {"source": os.fspath(given)}
+
+
+def original_outputs(reference: onnx.ModelProto | str, inputs: dict[str, np.ndarray], *, remedy: str) -> dict[str, np.ndarray]:
+    """The original's outputs; when the original itself fails, say so: it is not the result failing."""
+    try:
+        return run(reference, inputs)
+    except GraphoptError as exc:
+        raise GraphoptError(f"the original model fails in onnxruntime on the given inputs ({exc}); {remedy}") from None
+
+
+def require_within_tolerance(fidelity: Fidelity, rtol: float, atol: float, consequence: str = "") -> None:
+    """Raise VerificationError naming the worst output unless every output is within tolerance."""
+    if fidelity.ok:
+        return
+    worst = fidelity.worst()
+    raise VerificationError(
+        f"optimized model differs from the original: output '{worst.name}' max abs error "
+        f"{worst.max_abs_error:.3g} (rtol {rtol}, atol {atol}){consequence}"
+    )
+
 
 # ---------------------------------------------------------------------------------------------
 # Finding sizes the original model runs on
