@@ -29,6 +29,7 @@ _LEVEL_PASSES: dict[int, list[str]] = {
         "eliminate-noop",
         "merge-transpose",
         "merge-reshape",
+        "merge-slice",
         "cse",
         "dce",
     ],

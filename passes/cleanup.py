@@ -245,6 +245,67 @@ class MergeReshapes(Pass):
 
 
 @register_pass
+class MergeSlices(Pass):
+    name = "merge-slice"
+    description = "Merge a Slice into the Slice it reads when they cut different axes"
+    opt_level = 2
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        merged = 0
+        for node in graph.nodes:
+            first = ir.producer(node.inputs[0]) if self._is_slice(node) else None
+            if first is None or not self._is_slice(first) or len(ir.consumers(first.outputs[0])) != 1:
+                continue
+            if ir.is_graph_output(graph, first.outputs[0]):
+                continue
+            outer, inner = self._args(first), self._args(node)
+            if outer is None or inner is None:
+                continue
+            # Two cuts of one axis compose into one only with arithmetic on clamped bounds; cuts
+            # of different axes are independent, so one Slice does both.
+            if set(outer[2]) & set(inner[2]):
+                continue
+            args = [np.concatenate([a, b]).astype(np.int64) for a, b in zip(outer, inner)]
+            names = ("starts", "ends", "axes", "steps")
+            tensors = [ir.make_constant(ctx.fresh_name(f"{node.name or 'slice'}_{n}"), a) for n, a in zip(names, args)]
+            ir.set_input(node, 0, first.inputs[0])
+            for index, tensor in enumerate(tensors, start=1):
+                if index < len(node.inputs):
+                    ir.set_input(node, index, tensor)
+                else:
+                    node.inputs.append(tensor)
+            merged += 1
+        return PassResult(merged > 0, {"merged": merged})
+
+    @staticmethod
+    def _is_slice(node: gs.Node | None) -> bool:
+        # Slice-10 and later take starts/ends/axes/steps as inputs (Slice-1 has attributes).
+        return node is not None and node.op == "Slice" and node.domain in ir.DEFAULT_DOMAINS and len(node.inputs) >= 3
+
+    @staticmethod
+    def _args(node: gs.Node) -> tuple[np.ndarray, ...] | None:
+        """Constant (starts, ends, axes, steps) with axes made non-negative, or None."""
+        values = []
+        for tensor in node.inputs[1:5]:
+            value = None if tensor.is_empty() else ir.constant_value(tensor)
+            if value is None and not tensor.is_empty():
+                return None  # computed at run time
+            values.append(value)
+        starts, ends, axes, steps = values + [None] * (4 - len(values))
+        if starts is None or ends is None:
+            return None
+        count = np.asarray(starts).size
+        axes = np.arange(count) if axes is None else np.asarray(axes, dtype=np.int64).reshape(-1)
+        if np.any(axes < 0):
+            rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+            if rank is None:
+                return None
+            axes = np.where(axes < 0, axes + rank, axes)
+        steps = np.ones(count, dtype=np.int64) if steps is None else steps
+        return tuple(np.asarray(v, dtype=np.int64).reshape(-1) for v in (starts, ends, axes, steps))
+
+
+@register_pass
 class CommonSubexpressionElimination(Pass):
     name = "cse"
     description = "Merge identical constants and nodes computing the same op on the same inputs"

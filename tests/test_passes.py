@@ -144,6 +144,38 @@ def test_reshape_chain_merges_unless_target_copies_a_dim():
     assert out.graph.node[0].input[0] == "x"
 
 
+def _two_slices(second_axes, *, shared=False, first_axes=(1,)):
+    """x [4, 10, 6] -> Slice(axes first_axes) -> Slice(axes second_axes) -> y (+ a second reader of the first)."""
+    inits = [
+        const("s1", np.array([2] * len(first_axes), np.int64)), const("e1", np.array([9] * len(first_axes), np.int64)),
+        const("a1", np.array(first_axes, np.int64)),
+        const("s2", np.array([1], np.int64)), const("e2", np.array([-1], np.int64)),
+        const("a2", np.array(second_axes, np.int64)), const("st2", np.array([2], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["x", "s1", "e1", "a1"], ["t"]),
+        helper.make_node("Slice", ["t", "s2", "e2", "a2", "st2"], ["y"]),
+    ]
+    outputs = [vi("y", [None, None, None])]
+    if shared:
+        nodes.append(helper.make_node("Relu", ["t"], ["z"]))
+        outputs.append(vi("z", [None, None, None]))
+    return make_model(nodes, [vi("x", [4, 10, 6])], outputs, inits)
+
+
+def test_slices_of_different_axes_merge_into_one():
+    for axes in ([-1], [0]):
+        out, _ = optimize_checked(_two_slices(axes), passes=["merge-slice"])
+        assert op_types(out) == ["Slice"], axes
+        assert out.graph.node[0].input[0] == "x"
+
+
+def test_slices_do_not_merge_on_one_axis_or_when_the_first_is_shared():
+    for model in (_two_slices([1]), _two_slices([-2]), _two_slices([2], shared=True)):
+        out, _ = optimize_checked(model, passes=["merge-slice"])
+        assert op_types(out).count("Slice") == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # CSE and DCE
 
