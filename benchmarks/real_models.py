@@ -49,27 +49,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from graphopt.ir import all_nodes  # noqa: E402
 from graphopt.optimize import optimize  # noqa: E402
 from tests.real_models import harness, zoo  # noqa: E402
+from tests.real_models.shape_arithmetic import classify, op_keys  # noqa: E402
 
 PEERS = ("onnxsim", "onnxslim")
 TOOLS = ("graphopt",) + PEERS
 
 out_console = Console(width=None if sys.stdout.isatty() else 180)
 log = Console(stderr=True, highlight=False, soft_wrap=True)
-
-# Ops that only compute or apply shapes, whatever their element type.
-SHAPE_OPS = frozenset({
-    "Shape", "Size", "Constant", "ConstantOfShape", "Range", "Reshape", "Expand", "Unsqueeze", "Squeeze",
-    "Flatten", "Cast", "CastLike", "Identity",
-})
-# Ops that are shape arithmetic when their output is an integer (or bool) tensor.
-INT_SHAPE_OPS = frozenset({
-    "Gather", "GatherElements", "Slice", "Concat", "Split", "Add", "Sub", "Mul", "Div", "Neg", "Mod", "Abs",
-    "Max", "Min", "Floor", "Ceil", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And",
-    "Or", "Where", "ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin", "Tile", "Transpose", "Sign", "Clip",
-    "ScatterND", "ScatterElements", "NonZero", "Pow", "Sqrt", "Round",
-})
 
 _PEER_SCRIPT = r"""
 import sys, onnx
@@ -100,69 +89,6 @@ def _first_line(text: str) -> str:
     return lines[0]
 
 
-def _graph_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graph_nodes(g)
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> ONNX element type, from shape inference (every graph, subgraphs included)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - classification falls back to op names alone
-        inferred = model
-    types: dict[str, int] = {}
-
-    def collect(g: onnx.GraphProto):
-        for vi in list(g.value_info) + list(g.input) + list(g.output):
-            if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.elem_type:
-                types[vi.name] = vi.type.tensor_type.elem_type
-        for init in g.initializer:
-            types[init.name] = init.data_type
-        for n in g.node:
-            for attr in n.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    collect(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        collect(sub)
-
-    collect(inferred.graph)
-    return types
-
-
-_INT_TYPES = {
-    onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
-    onnx.TensorProto.UINT64, onnx.TensorProto.UINT32, onnx.TensorProto.UINT16, onnx.TensorProto.UINT8,
-    onnx.TensorProto.BOOL,
-}
-
-
-def op_keys(model: onnx.ModelProto) -> collections.Counter:
-    """Histogram of op keys: the op type, with ':int' for an integer-valued op of INT_SHAPE_OPS."""
-    types = _elem_types(model)
-    hist: collections.Counter = collections.Counter()
-    for node in _graph_nodes(model.graph):
-        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        if node.op_type in INT_SHAPE_OPS and node.output and types.get(node.output[0]) in _INT_TYPES:
-            key += ":int"
-        hist[key] += 1
-    return hist
-
-
-def classify(key: str) -> str:
-    op = key.split(":")[0]
-    if op in SHAPE_OPS or key.endswith(":int"):
-        return "shape"
-    return "other"
-
-
 def _run_peer(tool: str, src: Path, dst: Path, timeout: float) -> tuple[onnx.ModelProto | None, str | None, float]:
     start = time.perf_counter()
     try:
@@ -183,7 +109,7 @@ def _bench(name: str, work: Path, args: argparse.Namespace) -> dict:
     src = work / f"{name}.onnx"
     onnx.save(real.model, str(src))
     rec: dict[str, Any] = {"model": name, "exporter": real.exporter, "nodes": {}, "errors": {}, "seconds": {}, "ops": {}}
-    rec["nodes"]["original"] = sum(1 for _ in _graph_nodes(real.model.graph))
+    rec["nodes"]["original"] = sum(1 for _ in all_nodes(real.model.graph))
     outputs: dict[str, onnx.ModelProto] = {}
     start = time.perf_counter()
     try:
@@ -218,7 +144,7 @@ def _bench(name: str, work: Path, args: argparse.Namespace) -> dict:
         if bad:
             rec["wrong"][tool] = sorted(set(bad))
     for tool, model in outputs.items():
-        rec["nodes"][tool] = sum(1 for _ in _graph_nodes(model.graph))
+        rec["nodes"][tool] = sum(1 for _ in all_nodes(model.graph))
         rec["ops"][tool] = dict(sorted(op_keys(model).items()))
         rec["shape_nodes"][tool] = sum(v for k, v in rec["ops"][tool].items() if classify(k) == "shape")
     if args.keep and "graphopt" in outputs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from real_models import harness, zoo
+from real_models.shape_arithmetic import shape_arithmetic_nodes
 
 CASES = [(name, target) for name in zoo.names() for target in harness.TARGETS]
 IDS = [f"{name}-{target}" for name, target in CASES]
@@ -88,3 +89,32 @@ def test_cli_verifies_with_no_options(name, cli, tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
     assert (tmp_path / f"{name}.opt.onnx").is_file()
     assert "fidelity vs the original" in proc.stdout
+
+
+def _peer_outputs(name: str):
+    """onnxsim's and onnxslim's results on the model, those that still compute what it computes."""
+    real = zoo.load(name)
+    entry = zoo.ENTRIES[name]
+    results = {}
+    for tool in ("onnxsim", "onnxslim"):
+        module = pytest.importorskip(tool)
+        try:
+            out = module.simplify(harness.copy(real.model))[0] if tool == "onnxsim" else module.slim(harness.copy(real.model))
+            ok = all(harness.compare(real.model, out, feeds, rtol=entry.rtol, atol=entry.atol).ok for feeds in harness.data_sets(real))
+        except Exception:  # noqa: BLE001 - a peer that fails on this model has nothing to compare
+            continue
+        if ok:
+            results[tool] = out
+    return results
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_leaves_no_more_shape_arithmetic_than_the_peers(name):
+    """What remains of a gap to onnx-simplifier or onnxslim is fusion, never shape arithmetic."""
+    outcome = _outcome(name, "x86_64")
+    peers = _peer_outputs(name)
+    if not peers:
+        pytest.skip("neither peer gives a correct model")
+    ours = shape_arithmetic_nodes(outcome.optimized)
+    for tool, model in peers.items():
+        assert ours <= shape_arithmetic_nodes(model), f"{tool} leaves {shape_arithmetic_nodes(model)} shape nodes, graphopt {ours}"
