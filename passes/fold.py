@@ -228,15 +228,9 @@ class FoldShapes(Pass):
             if self._fold_known_outputs(graph, node, ev, ctx, removed):
                 stats["replaced"] += 1
                 continue
-            if node.op == "Reshape" and len(node.inputs) >= 2:
-                outcome = self._reshape(graph, node, ev, ctx)
-                if outcome == "noop":
-                    removed.append(node)
-                    stats["removed_noops"] += 1
-                elif outcome:
-                    stats["shape_targets"] += 1
-            elif node.op == "Expand" and len(node.inputs) == 2:
-                outcome = self._expand(graph, node, ev, ctx)
+            if node.op in ("Reshape", "Expand") and len(node.inputs) == 2:
+                # Both take a shape vector; a partly symbolic one becomes a constant, or the op goes.
+                outcome = (self._reshape if node.op == "Reshape" else self._expand)(graph, node, ev, ctx)
                 if outcome == "noop":
                     removed.append(node)
                     stats["removed_noops"] += 1
