@@ -310,6 +310,7 @@ def _print_report(report, verbose: bool = False) -> None:
     table.add_row("FLOPs", _flops(b.flops, b.flops_exact), _flops(a.flops, a.flops_exact), _change(b.flops, a.flops) if both_exact else "-")
     table.add_row("model size", _bytes(report.bytes_before), _bytes(report.bytes_after), _change(report.bytes_before, report.bytes_after))
     console.print(table)
+    _print_lower_bound_note(a)
     for line in describe(report.specialization):
         console.print(f"specialized input {escape(line)}", highlight=False)
     _print_op_changes(b.ops, a.ops, verbose)
@@ -329,6 +330,17 @@ def _print_report(report, verbose: bool = False) -> None:
         err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)
     if report.fidelity is not None:
         _print_fidelity(report.fidelity, report.verification_inputs)
+
+
+def _print_lower_bound_note(stats) -> None:
+    """Why FLOPs are a lower bound, and what fixes it when symbolic input dims are the cause."""
+    if stats.flops_exact:
+        return
+    hint = ""
+    if stats.symbolic_inputs:
+        named = ", ".join(d for d in stats.symbolic_inputs if d != "?")
+        hint = f"; the inputs have symbolic dims{f' ({named})' if named else ''}: --dim SYMBOL=VALUE or --input-shape NAME:D0,D1,... fix them"
+    console.print(f"FLOPs are a lower bound: {stats.unknown_nodes} nodes have shapes that are not known statically{hint}", highlight=False)
 
 
 def _flops(count: int, exact: bool) -> str:
@@ -425,13 +437,7 @@ def inspect(model, as_json, input_shapes, dims):
     for op, v in data["ops"].items():
         ops.add_row(escape(op), str(v["count"]), _human(v["flops"]), _bytes(v["bytes"]))
     console.print(ops)
-    if not stats.flops_exact:
-        symbolic = any(not isinstance(d, int) for t in m.graph.inputs for d in (t.shape or [None]))
-        hint = " (--dim SYMBOL=VALUE or --input-shape NAME:D0,D1,... fix the inputs' shapes)" if symbolic else ""
-        console.print(
-            f"FLOPs are a lower bound: {cost['unknown_nodes']} nodes have shapes that are not known statically{hint}",
-            highlight=False,
-        )
+    _print_lower_bound_note(stats)
 
 
 def _io(tensor) -> dict:

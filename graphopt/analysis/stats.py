@@ -21,6 +21,10 @@ class ModelStats:
     flops_exact: bool
     # Nodes per op type (domain-qualified outside ai.onnx), subgraphs included.
     ops: dict[str, int] = field(default_factory=dict)
+    # Nodes whose FLOPs could not be counted (their shapes are not known).
+    unknown_nodes: int = 0
+    # Dims of the graph inputs that have no size (by name; "?" when unnamed): what --dim can fix.
+    symbolic_inputs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,4 +46,8 @@ def model_stats(model: ir.Model, symbolic_dims: dict[str, int] | None = None) ->
         param_bytes += count * np.dtype(t.dtype).itemsize
     cost = graph_cost(model.graph, symbolic_dims)
     ops = {op: v["count"] for op, v in sorted(cost["by_op"].items())}
-    return ModelStats(nodes, params, param_bytes, int(cost["flops"]), cost["unknown_nodes"] == 0, ops)
+    symbolic = {str(d) if d is not None else "?" for t in model.graph.inputs for d in (t.shape or ()) if not isinstance(d, int)}
+    return ModelStats(
+        nodes, params, param_bytes, int(cost["flops"]), cost["unknown_nodes"] == 0, ops,
+        cost["unknown_nodes"], tuple(sorted(symbolic)),
+    )
