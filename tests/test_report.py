@@ -200,3 +200,13 @@ def test_progress_names_the_running_pass_and_its_iteration():
         with Feedback(Console(file=failed, force_terminal=False)).phase("loading x"):
             raise ValueError
     assert failed.getvalue() == ""
+
+
+def test_summary_says_why_flops_are_a_lower_bound(cli, tmp_path):
+    loose = cli("run", "zoo:digits_cnn", "-o", tmp_path / "a.onnx")
+    assert loose.returncode == 0, loose.stderr
+    assert "(lower bound)" in loose.stdout
+    assert "the inputs have symbolic dims (batch): --dim SYMBOL=VALUE" in " ".join(loose.stdout.split())
+    bound = cli("run", "zoo:digits_cnn", "-o", tmp_path / "b.onnx", "--dim", "batch=2")
+    assert bound.returncode == 0, bound.stderr
+    assert "lower bound" not in bound.stdout.split("op types")[0]
