@@ -150,9 +150,12 @@ def optimize_model(
     ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}))
     ctx.analysis("shapes")
     ir.check_shapes(model)
-    # The original's cost is reported from the shapes folding reveals, as `inspect` reports it.
-    resolve_shapes(model)
     before = model_stats(model, ctx.options.get("symbolic_dims"))
+    if not before.flops_exact:
+        # Counted again on the shapes folding reveals, as `inspect` counts them (that folds a
+        # weight-free copy, so only when inference alone left shapes unknown).
+        resolve_shapes(model)
+        before = model_stats(model, ctx.options.get("symbolic_dims"))
     deltas = StatsDelta()
     ctx.instruments.append(deltas)
     ctx.instruments.extend(instruments or ())
