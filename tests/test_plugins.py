@@ -22,8 +22,8 @@ from graphopt.pipelines import _LEVEL_PASSES, build_pipeline, describe_passes, l
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
-# The pipelines as they were written out before opt_level decided them (plus merge-slice, added
-# since): deriving them must not change them.
+# The pipelines as they were written out before opt_level decided them (plus merge-slice and
+# merge-concat, added since): deriving them must not change them.
 O1 = ["constant-to-initializer", "eliminate-noop", "dce"]
 O2 = [
     "constant-to-initializer",
@@ -35,6 +35,7 @@ O2 = [
     "merge-transpose",
     "merge-reshape",
     "merge-slice",
+    "merge-concat",
     "cse",
     "dce",
 ]
