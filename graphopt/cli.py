@@ -535,8 +535,8 @@ def compare(model_a, model_b, inputs_path, threads, runs, rtol, atol, as_json, i
 
     feedback = Feedback(err_console, quiet=quiet or as_json)
     a, path_a, spec_a = _load(model_a, feedback, None, input_shapes, dims)
-    # --input-shape/--dim describe A's interface; B must take the same inputs, so it is
-    # specialized alike when it has them (an optimized B usually already has them static).
+    # --input-shape/--dim specialize A, which the inputs are made for; B is run as it is, on the
+    # same inputs (a B optimized with those dims already has them static, and a dynamic B takes them).
     b, path_b, _ = _load(model_b, feedback, None)
     _check_same_interface(a, b, model_a, model_b)
     a_ref = path_a or a
