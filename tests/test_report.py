@@ -210,3 +210,17 @@ def test_summary_says_why_flops_are_a_lower_bound(cli, tmp_path):
     bound = cli("run", "zoo:digits_cnn", "-o", tmp_path / "b.onnx", "--dim", "batch=2")
     assert bound.returncode == 0, bound.stderr
     assert "lower bound" not in bound.stdout.split("op types")[0]
+
+
+def test_compare_with_dims_runs_both_at_those_sizes(cli, tmp_path):
+    a = tmp_path / "digits.onnx"
+    assert cli("zoo", "export", "digits_cnn", "-o", a, "-q").returncode == 0
+    b = tmp_path / "digits3.onnx"
+    assert cli("run", a, "-o", b, "--dim", "batch=3", "-q").returncode == 0
+    proc = cli("compare", a, b, "--dim", "batch=3", "--json", "--runs", "2")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["specialization"]["dims"] == {"batch": 3}
+    assert data["inputs"]["tries"] == 1 and data["fidelity"]["ok"]
+    # Without --dim, A's generated batch (1) does not fit B's static batch of 3: B fails to run.
+    assert cli("compare", a, b, "--json", "--runs", "2").returncode == 2
