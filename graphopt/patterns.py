@@ -1,0 +1,331 @@
+"""Declarative pattern rewriting: a rule reads like the graph it rewrites.
+
+A pattern is a function written with the ONNX ops it matches; its parameters after `op` are the
+values it binds. A rewrite builds what replaces the match with the same `op` notation; a check
+says when the rewrite is legal:
+
+    def conv_bn(op, x, w, b, gamma, beta, mean, var):
+        return op.BatchNormalization(op.Conv(x, w, op.optional(b)), gamma, beta, mean, var)
+
+    def folded(op, m):
+        return op.Conv(m.x, op.constant(new_weight), op.constant(new_bias), **m.node("Conv").attrs)
+
+    RULE = Rule(conv_bn, folded, check=lambda m: m.is_constant("w", "gamma", "beta", "mean", "var"))
+
+`RewritePass` runs its rules over a graph: candidates are indexed by the pattern's root op, so a
+pass costs time linear in the graph; the nodes a rewrite creates join the worklist, so what one
+rewrite exposes is matched in the same run; replaced nodes are removed once, at the end.
+
+What a match guarantees, so that no check has to: every op matched below the root is of the
+default domain (or the one given), its output is read by the matched node alone (no other node,
+no subgraph, no graph output), and its other outputs are unused; the root's outputs beyond those
+the rewrite replaces are unused too. A value bound twice (`op.Mul(x, x)`) must be the same tensor
+both times. Commutative ops (Add, Mul, ...) match with their two inputs in either order.
+
+Written by hand because no library matches ONNX graphs this way over onnx-graphsurgeon (onnxscript's
+rewriter works on its own IR, which graphopt deliberately does not adopt: one graph type).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import ir
+from graphopt.pass_manager import Pass, PassContext, PassResult
+
+COMMUTATIVE_OPS = frozenset({"Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Patterns: what the `op` of a pattern function builds
+
+
+@dataclass(frozen=True)
+class Var:
+    """A value the pattern binds by name (a parameter of the pattern function)."""
+
+    name: str
+    optional: bool = False
+
+
+@dataclass
+class OpPattern:
+    """One op of a pattern: its type, domain, inputs (Vars or other OpPatterns' outputs) and attribute values."""
+
+    op: str
+    domain: str | None
+    inputs: list[Var | OpOutput]
+    attrs: dict[str, Any]
+    # Matched nodes can be looked up by this (the op type unless named with _name=).
+    label: str
+
+
+@dataclass(frozen=True)
+class OpOutput:
+    """Output `index` of an op pattern, as an input of another."""
+
+    pattern: OpPattern
+    index: int = 0
+
+
+class _PatternBuilder:
+    """`op.Conv(x, w)` in a pattern function: records an OpPattern. Keyword arguments are attribute
+    values the node must have (`_domain=`, `_name=` are the pattern's own)."""
+
+    def __init__(self):
+        self.ops: list[OpPattern] = []
+
+    def optional(self, var: Var) -> Var:
+        """An input that may be absent (an omitted optional input, or one the node does not have)."""
+        return Var(var.name, optional=True)
+
+    def __getattr__(self, op: str) -> Callable[..., OpOutput]:
+        def make(*inputs, _domain: str | None = None, _name: str | None = None, **attrs) -> OpOutput:
+            pattern = OpPattern(op, _domain, list(inputs), attrs, _name or op)
+            self.ops.append(pattern)
+            return OpOutput(pattern)
+
+        return make
+
+
+@dataclass
+class Match:
+    """What a pattern matched: bound values by parameter name (`m.x`, `m["x"]`) and nodes by label
+    (the op type, or the `_name=` given in the pattern; the outermost wins when two share one)."""
+
+    values: dict[str, gs.Tensor | None]
+    # Every matched node, root first, with its label.
+    matched: list[tuple[str, gs.Node]]
+    root: gs.Node
+    graph: gs.Graph
+
+    @property
+    def nodes(self) -> dict[str, gs.Node]:
+        labelled: dict[str, gs.Node] = {}
+        for label, node in self.matched:
+            labelled.setdefault(label, node)
+        return labelled
+
+    def __getattr__(self, name: str):
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str):
+        return self.values[name]
+
+    def node(self, label: str) -> gs.Node:
+        return self.nodes[label]
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The constant value bound to `name`, or None when it is computed at run time (or absent)."""
+        tensor = self.values.get(name)
+        return None if tensor is None else ir.constant_value(tensor)
+
+    def is_constant(self, *names: str) -> bool:
+        return all(self.values.get(n) is not None and ir.constant_value(self.values[n]) is not None for n in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrites: what the `op` of a rewrite function builds
+
+
+class _GraphBuilder:
+    """`op.Conv(x, w, b, **attrs)` in a rewrite: a new node of the graph; returns its output(s)."""
+
+    def __init__(self, graph: gs.Graph, ctx: PassContext, base: str):
+        self.graph, self.ctx, self.base = graph, ctx, base
+        self.created: list[gs.Node] = []
+
+    def constant(self, value: np.ndarray, name: str | None = None) -> gs.Constant:
+        return ir.make_constant(self.ctx.fresh_name(name or f"{self.base}_const"), np.asarray(value))
+
+    def __getattr__(self, op: str) -> Callable[..., gs.Variable | tuple[gs.Variable, ...]]:
+        def make(*inputs, _domain: str | None = None, _outputs: int = 1, **attrs):
+            outputs = [gs.Variable(self.ctx.fresh_name(f"{self.base}_{op}_out")) for _ in range(_outputs)]
+            ins = [gs.Variable.empty() if t is None else t for t in inputs]
+            node = gs.Node(op, name=self.ctx.fresh_name(f"{self.base}_{op}"), attrs=dict(attrs), inputs=ins, outputs=outputs,
+                           domain=_domain)
+            self.graph.nodes.append(node)
+            self.created.append(node)
+            return outputs[0] if _outputs == 1 else tuple(outputs)
+
+        return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules and the driver
+
+
+class Rule:
+    """A pattern (or several alternatives of one, e.g. the forms different exporters write), the
+    rewrite that replaces what it matches, and the check that says when that is legal.
+
+    `rewrite(op, m)` returns the tensor (or tuple of tensors) that replaces the root's output(s);
+    None declines the match after all (for a reason only computing the rewrite reveals).
+    """
+
+    def __init__(
+        self,
+        pattern: Callable | Sequence[Callable],
+        rewrite: Callable[[Any, Match], Any],
+        check: Callable[[Match], bool] | None = None,
+        *,
+        name: str | None = None,
+    ):
+        functions = [pattern] if callable(pattern) else list(pattern)
+        self.roots = [_trace(fn) for fn in functions]
+        ops = {root.op for root in self.roots}
+        if len(ops) != 1:
+            raise TypeError(f"the alternatives of a rule must share their root op, not {sorted(ops)}")
+        self.root_op = ops.pop()
+        self.rewrite = rewrite
+        self.check = check
+        self.name = name or functions[0].__name__
+
+    def match(self, node: gs.Node, graph: gs.Graph, local: set[int]) -> Match | None:
+        """The first way `node` roots a match that passes the check; `local`: ids of graph's nodes."""
+        for root in self.roots:
+            for m in _match_root(root, node, graph, local):
+                if self.check is None or self.check(m):
+                    return m
+        return None
+
+
+def _trace(fn: Callable) -> OpPattern:
+    """Run a pattern function on Vars named after its parameters; the op it returns is the root."""
+    params = list(inspect.signature(fn).parameters)[1:]
+    builder = _PatternBuilder()
+    out = fn(builder, *(Var(p) for p in params))
+    if not isinstance(out, OpOutput):
+        raise TypeError(f"pattern {fn.__name__} must return an op (op.Something(...)), not {type(out).__name__}")
+    return out.pattern
+
+
+def _domain_ok(node: gs.Node, pattern: OpPattern) -> bool:
+    if pattern.domain is None:
+        return node.domain in ir.DEFAULT_DOMAINS
+    return node.domain == pattern.domain
+
+
+def _attrs_ok(node: gs.Node, pattern: OpPattern) -> bool:
+    for key, want in pattern.attrs.items():
+        have = node.attrs.get(key)
+        if callable(want):
+            if not want(have):
+                return False
+        elif have != want and not (isinstance(have, (list, tuple)) and list(have) == list(want)):
+            return False
+    return True
+
+
+def _match_root(root: OpPattern, node: gs.Node, graph: gs.Graph, local: set[int]) -> Iterator[Match]:
+    if node.op != root.op or not _domain_ok(node, root) or not _attrs_ok(node, root):
+        return
+    for values, nodes in _match_op(root, node, {}, [(root.label, node)], local):
+        yield Match(values, nodes, node, graph)
+
+
+def _match_op(pattern: OpPattern, node: gs.Node, values: dict, nodes: list, local: set[int]) -> Iterator[tuple[dict, list]]:
+    """Every way `node` matches `pattern` given the bindings so far (commutative orders included)."""
+    orders = [pattern.inputs]
+    if pattern.op in COMMUTATIVE_OPS and len(pattern.inputs) == 2:
+        orders.append(pattern.inputs[::-1])
+    for order in orders:
+        yield from _match_inputs(order, list(node.inputs), 0, values, nodes, local)
+
+
+def _match_inputs(pins, tensors, i, values, nodes, local) -> Iterator[tuple[dict, list]]:
+    if i == len(pins):
+        # Inputs the pattern does not mention must be absent.
+        if any(not t.is_empty() for t in tensors[len(pins):]):
+            return
+        yield values, nodes
+        return
+    pin = pins[i]
+    tensor = tensors[i] if i < len(tensors) and not tensors[i].is_empty() else None
+    if isinstance(pin, Var):
+        if tensor is None and not pin.optional:
+            return
+        if pin.name in values and values[pin.name] is not tensor:
+            return
+        yield from _match_inputs(pins, tensors, i + 1, {**values, pin.name: tensor}, nodes, local)
+        return
+    if tensor is None:
+        return
+    producer = ir.producer(tensor)
+    sub = pin.pattern
+    if (
+        producer is None
+        # An outer scope's node is not this graph's to replace: inside a body it is an opaque value.
+        or id(producer) not in local
+        or producer.op != sub.op
+        or not _domain_ok(producer, sub)
+        or not _attrs_ok(producer, sub)
+        or ir.subgraphs_of(producer)
+        or any(n is producer for _, n in nodes)
+    ):
+        return
+    # An interior value is the matched node's alone, so replacing the match removes it entirely.
+    if not any(t is tensor for t in producer.outputs[pin.index : pin.index + 1]) or len(tensor.outputs) != 1:
+        return
+    if any(t.outputs for j, t in enumerate(producer.outputs) if j != pin.index):
+        return
+    for inner_values, inner_nodes in _match_op(sub, producer, values, nodes + [(sub.label, producer)], local):
+        yield from _match_inputs(pins, tensors, i + 1, inner_values, inner_nodes, local)
+
+
+class RewritePass(Pass):
+    """A pass made of rules: subclass, set `rules` (and name, description, opt_level)."""
+
+    rules: ClassVar[Sequence[Rule]] = ()
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        by_root: dict[str, list[Rule]] = {}
+        for rule in self.rules:
+            by_root.setdefault(rule.root_op, []).append(rule)
+        outputs = {id(t) for t in graph.outputs}
+        local = {id(n) for n in graph.nodes}
+        counts: dict[str, int] = {}
+        replaced: list[gs.Node] = []
+        gone: set[int] = set()
+        worklist = [n for n in graph.nodes if n.op in by_root]
+        while worklist:
+            node = worklist.pop(0)
+            if id(node) in gone:
+                continue
+            for rule in by_root.get(node.op, ()):
+                m = rule.match(node, graph, local)
+                if m is None:
+                    continue
+                builder = _GraphBuilder(graph, ctx, node.name or node.op)
+                result = rule.rewrite(builder, m)
+                if result is None:
+                    ir.remove_nodes(graph, builder.created)
+                    continue
+                new = list(result) if isinstance(result, tuple) else [result]
+                # The root's outputs the rewrite does not replace must be unused.
+                if any(t.outputs or id(t) in outputs for t in node.outputs[len(new):]) or not all(
+                    ir.replace_all_uses(graph, old, fresh) for old, fresh in zip(node.outputs, new)
+                ):
+                    ir.remove_nodes(graph, builder.created)
+                    continue
+                for _, matched in m.matched:
+                    gone.add(id(matched))
+                    replaced.append(matched)
+                counts[rule.name] = counts.get(rule.name, 0) + 1
+                local.update(id(n) for n in builder.created)
+                worklist.extend(n for n in builder.created if n.op in by_root)
+                break
+        # What a match covers is read by nothing else (see the module docstring), so it all goes.
+        ir.remove_nodes(graph, replaced)
+        if counts:
+            ir.toposort(graph)
+        return PassResult(bool(counts), counts)

@@ -1,0 +1,152 @@
+"""The pattern-rewrite API (graphopt.patterns): what a match guarantees, and the driver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import F, const, make_model, op_types, optimize_checked
+from onnx import helper
+
+from graphopt import ir
+from graphopt.pass_manager import PassContext, PassManager, _REGISTRY, _SOURCES
+from graphopt.patterns import Match, RewritePass, Rule
+
+
+def vi(name, shape):
+    return helper.make_tensor_value_info(name, F, shape)
+
+
+def _run(rules, model):
+    """Run a RewritePass of `rules` on a copy of `model`; returns (proto, stats)."""
+
+    class Rules(RewritePass):
+        name = "test-rules"
+        description = "rules under test"
+
+    Rules.rules = tuple(rules)
+    m = ir.from_proto(model)
+    ctx = PassContext(model=m)
+    ctx.analysis("shapes")
+    records = PassManager(Rules()).run(ctx)
+    return ir.to_proto(m), records[0].stats
+
+
+def _mul_add(op, x, s, b):
+    return op.Add(op.Mul(x, s), b)
+
+
+def _as_fma(op, m: Match):
+    # A stand-in rewrite with an observable result: Mul then Add become one Sum of two terms.
+    return op.Sum(op.Mul(m.x, m.s), m.b)
+
+
+def _relu_of_mul_add(order_add, order_mul, extra=None):
+    mul_in = ["x", "s"] if order_mul else ["s", "x"]
+    add_in = ["t", "b"] if order_add else ["b", "t"]
+    nodes = [helper.make_node("Mul", mul_in, ["t"]), helper.make_node("Add", add_in, ["y"])]
+    outputs = [vi("y", [2, 3])]
+    if extra:
+        nodes.append(helper.make_node("Relu", ["t"], ["z"]))
+        outputs.append(vi("z", [2, 3]))
+    inits = [const("s", np.full((2, 3), 2.0, np.float32)), const("b", np.ones((2, 3), np.float32))]
+    return make_model(nodes, [vi("x", [2, 3])], outputs, inits)
+
+
+@pytest.mark.parametrize("order_add", [True, False])
+@pytest.mark.parametrize("order_mul", [True, False])
+def test_commutative_inputs_match_in_either_order(order_add, order_mul):
+    out, stats = _run([Rule(_mul_add, _as_fma, lambda m: m.is_constant("s", "b"))], _relu_of_mul_add(order_add, order_mul))
+    assert stats == {"_mul_add": 1}
+    assert sorted(op_types(out)) == ["Mul", "Sum"]
+
+
+def test_an_interior_value_read_elsewhere_is_no_match():
+    out, stats = _run([Rule(_mul_add, _as_fma)], _relu_of_mul_add(True, True, extra=True))
+    assert stats == {} and sorted(op_types(out)) == ["Add", "Mul", "Relu"]
+
+
+def test_a_failing_check_or_a_declined_rewrite_changes_nothing():
+    model = _relu_of_mul_add(True, True)
+    assert _run([Rule(_mul_add, _as_fma, lambda m: False)], model)[1] == {}
+    out, stats = _run([Rule(_mul_add, lambda op, m: None)], model)
+    assert stats == {} and op_types(out) == ["Mul", "Add"]
+
+
+def test_a_value_bound_twice_must_be_the_same_tensor():
+    def square(op, x):
+        return op.Mul(x, x)
+
+    nodes = [helper.make_node("Mul", ["x", "x"], ["y"]), helper.make_node("Mul", ["x", "w"], ["z"])]
+    model = make_model(nodes, [vi("x", [3]), vi("w", [3])], [vi("y", [3]), vi("z", [3])])
+    out, stats = _run([Rule(square, lambda op, m: op.Pow(m.x, op.constant(np.array(2.0, np.float32))))], model)
+    assert stats == {"square": 1}
+    assert sorted(op_types(out)) == ["Mul", "Pow"]
+
+
+def test_optional_inputs_and_alternatives():
+    def add_bias(op, x, w, b):
+        return op.Add(op.MatMul(x, w), b)
+
+    def gemm_form(op, x, w, c, b):  # another exporter's spelling of the same thing
+        return op.Add(op.Gemm(x, w, op.optional(c)), b)
+
+    seen = []
+    rule = Rule([add_bias, gemm_form], lambda op, m: seen.append(sorted(k for k, v in m.values.items() if v is not None)))
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])],
+        [vi("x", [2, 3])], [vi("y", [2, 4])],
+        [const("w", np.ones((3, 4), np.float32)), const("b", np.ones(4, np.float32))],
+    )
+    _run([rule], model)
+    assert seen == [["b", "w", "x"]]  # the Gemm form matched, with its optional C absent
+    with pytest.raises(TypeError, match="share their root op"):
+        Rule([add_bias, lambda op, x: op.Relu(x)], lambda op, m: None)
+
+
+def test_what_a_rewrite_creates_is_matched_in_the_same_run():
+    def double_neg(op, x):
+        return op.Neg(op.Neg(x))
+
+    # Neg(Neg(Neg(Neg(x)))) -> Identity(Identity(x))-like chain: two rewrites, one run.
+    nodes = [helper.make_node("Neg", [a], [b]) for a, b in (("x", "a"), ("a", "b"), ("b", "c"), ("c", "y"))]
+    model = make_model(nodes, [vi("x", [3])], [vi("y", [3])])
+    out, stats = _run([Rule(double_neg, lambda op, m: op.Identity(m.x))], model)
+    assert stats == {"double_neg": 2}
+    assert op_types(out) == ["Identity", "Identity"]
+
+
+def test_a_subgraph_does_not_match_across_its_boundary():
+    """Inside an If body, an outer Neg is an opaque value: Neg(outer Neg) is no Neg(Neg(x))."""
+
+    def double_neg(op, x):
+        return op.Neg(op.Neg(x))
+
+    body = helper.make_graph([helper.make_node("Neg", ["a"], ["o"])], "then", [], [vi("o", [3])])
+    other = helper.make_graph([helper.make_node("Identity", ["a"], ["o2"])], "else", [], [vi("o2", [3])])
+    nodes = [
+        helper.make_node("Neg", ["x"], ["a"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other),
+    ]
+    model = make_model(nodes, [vi("x", [3]), helper.make_tensor_value_info("c", 9, [])], [vi("y", [3])])
+    out, stats = _run([Rule(double_neg, lambda op, m: op.Identity(m.x))], model)
+    assert stats == {}
+
+
+def test_fold_conv_bn_is_a_rewrite_pass_and_still_folds():
+    from graphopt.passes.fusion.conv_bn import FoldConvBatchNorm
+
+    assert issubclass(FoldConvBatchNorm, RewritePass)
+    assert _REGISTRY["fold-conv-bn"] is FoldConvBatchNorm and _SOURCES["fold-conv-bn"] == "built-in"
+    x = np.random.default_rng(0)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "var"], ["y"]),
+        ],
+        [vi("x", [1, 2, 5, 5])], [vi("y", [1, 3, 3, 3])],
+        [const("w", x.standard_normal((3, 2, 3, 3)).astype(np.float32))]
+        + [const(n, np.abs(x.standard_normal(3)).astype(np.float32) + 0.5) for n in ("g", "be", "mu", "var")],
+    )
+    out, report = optimize_checked(model, passes=["fold-conv-bn"])
+    assert op_types(out) == ["Conv"]
+    assert next(r for r in report.passes if r.name == "fold-conv-bn").stats == {"folded": 1}
