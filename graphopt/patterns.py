@@ -150,7 +150,10 @@ class _GraphBuilder:
     def __getattr__(self, op: str) -> Callable[..., gs.Variable | tuple[gs.Variable, ...]]:
         def make(*inputs, _domain: str | None = None, _outputs: int = 1, **attrs):
             outputs = [gs.Variable(self.ctx.fresh_name(f"{self.base}_{op}_out")) for _ in range(_outputs)]
-            ins = [gs.Variable.empty() if t is None else t for t in inputs]
+            ins = list(inputs)
+            while ins and ins[-1] is None:  # omitted trailing optional inputs are left out
+                ins.pop()
+            ins = [gs.Variable.empty() if t is None else t for t in ins]
             node = gs.Node(op, name=self.ctx.fresh_name(f"{self.base}_{op}"), attrs=dict(attrs), inputs=ins, outputs=outputs,
                            domain=_domain)
             self.graph.nodes.append(node)

@@ -26,6 +26,7 @@ _LEVEL_PASSES: dict[int, list[str]] = {
         "fold-constants",
         "fuse-layernorm",
         "fold-conv-bn",
+        "fold-conv-affine",
         "eliminate-noop",
         "merge-transpose",
         "merge-reshape",

@@ -22,8 +22,8 @@ from graphopt.pipelines import _LEVEL_PASSES, build_pipeline, describe_passes, l
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
-# The pipelines as they were written out before opt_level decided them (plus merge-slice and
-# merge-concat, added since): deriving them must not change them.
+# The pipelines as they were written out before opt_level decided them (plus fold-conv-affine,
+# merge-slice and merge-concat, added since): deriving them must not change them.
 O1 = ["constant-to-initializer", "eliminate-noop", "dce"]
 O2 = [
     "constant-to-initializer",
@@ -31,6 +31,7 @@ O2 = [
     "fold-constants",
     "fuse-layernorm",
     "fold-conv-bn",
+    "fold-conv-affine",
     "eliminate-noop",
     "merge-transpose",
     "merge-reshape",
