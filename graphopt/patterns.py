@@ -193,10 +193,10 @@ class Rule:
         self.check = check
         self.name = name or functions[0].__name__
 
-    def match(self, node: gs.Node, graph: gs.Graph, local: set[int]) -> Match | None:
-        """The first way `node` roots a match that passes the check; `local`: ids of graph's nodes."""
+    def match(self, node: gs.Node, graph: gs.Graph, scope: _Scope) -> Match | None:
+        """The first way `node` roots a match that passes the check."""
         for root in self.roots:
-            for m in _match_root(root, node, graph, local):
+            for m in _match_root(root, node, graph, scope):
                 if self.check is None or self.check(m):
                     return m
         return None
@@ -229,14 +229,22 @@ def _attrs_ok(node: gs.Node, pattern: OpPattern) -> bool:
     return True
 
 
-def _match_root(root: OpPattern, node: gs.Node, graph: gs.Graph, local: set[int]) -> Iterator[Match]:
+@dataclass
+class _Scope:
+    """The graph being rewritten, as the matcher needs it: ids of its nodes and of its outputs."""
+
+    nodes: set[int]
+    outputs: set[int]
+
+
+def _match_root(root: OpPattern, node: gs.Node, graph: gs.Graph, local: _Scope) -> Iterator[Match]:
     if node.op != root.op or not _domain_ok(node, root) or not _attrs_ok(node, root):
         return
     for values, nodes in _match_op(root, node, {}, [(root.label, node)], local):
         yield Match(values, nodes, node, graph)
 
 
-def _match_op(pattern: OpPattern, node: gs.Node, values: dict, nodes: list, local: set[int]) -> Iterator[tuple[dict, list]]:
+def _match_op(pattern: OpPattern, node: gs.Node, values: dict, nodes: list, local: _Scope) -> Iterator[tuple[dict, list]]:
     """Every way `node` matches `pattern` given the bindings so far (commutative orders included)."""
     orders = [pattern.inputs]
     if pattern.op in COMMUTATIVE_OPS and len(pattern.inputs) == 2:
@@ -268,7 +276,7 @@ def _match_inputs(pins, tensors, i, values, nodes, local) -> Iterator[tuple[dict
     if (
         producer is None
         # An outer scope's node is not this graph's to replace: inside a body it is an opaque value.
-        or id(producer) not in local
+        or id(producer) not in local.nodes
         or producer.op != sub.op
         or not _domain_ok(producer, sub)
         or not _attrs_ok(producer, sub)
@@ -278,6 +286,8 @@ def _match_inputs(pins, tensors, i, values, nodes, local) -> Iterator[tuple[dict
         return
     # An interior value is the matched node's alone, so replacing the match removes it entirely.
     if not any(t is tensor for t in producer.outputs[pin.index : pin.index + 1]) or len(tensor.outputs) != 1:
+        return
+    if id(tensor) in local.outputs:
         return
     if any(t.outputs for j, t in enumerate(producer.outputs) if j != pin.index):
         return
@@ -295,7 +305,7 @@ class RewritePass(Pass):
         for rule in self.rules:
             by_root.setdefault(rule.root_op, []).append(rule)
         outputs = {id(t) for t in graph.outputs}
-        local = {id(n) for n in graph.nodes}
+        scope = _Scope({id(n) for n in graph.nodes}, outputs)
         counts: dict[str, int] = {}
         replaced: list[gs.Node] = []
         gone: set[int] = set()
@@ -305,7 +315,7 @@ class RewritePass(Pass):
             if id(node) in gone:
                 continue
             for rule in by_root.get(node.op, ()):
-                m = rule.match(node, graph, local)
+                m = rule.match(node, graph, scope)
                 if m is None:
                     continue
                 builder = _GraphBuilder(graph, ctx, node.name or node.op)
@@ -324,7 +334,7 @@ class RewritePass(Pass):
                     gone.add(id(matched))
                     replaced.append(matched)
                 counts[rule.name] = counts.get(rule.name, 0) + 1
-                local.update(id(n) for n in builder.created)
+                scope.nodes.update(id(n) for n in builder.created)
                 worklist.extend(n for n in builder.created if n.op in by_root)
                 break
         # What a match covers is read by nothing else (see the module docstring), so it all goes.

@@ -150,3 +150,10 @@ def test_fold_conv_bn_is_a_rewrite_pass_and_still_folds():
     out, report = optimize_checked(model, passes=["fold-conv-bn"])
     assert op_types(out) == ["Conv"]
     assert next(r for r in report.passes if r.name == "fold-conv-bn").stats == {"folded": 1}
+
+
+def test_an_interior_value_that_is_a_graph_output_is_no_match():
+    model = _relu_of_mul_add(True, True)
+    model.graph.output.append(vi("t", [2, 3]))  # the Mul's result is also an output of the model
+    out, stats = _run([Rule(_mul_add, _as_fma)], model)
+    assert stats == {} and op_types(out) == ["Mul", "Add"]
