@@ -17,10 +17,11 @@ pass costs time linear in the graph; the nodes a rewrite creates join the workli
 rewrite exposes is matched in the same run; replaced nodes are removed once, at the end.
 
 What a match guarantees, so that no check has to: every op matched below the root is of the
-default domain (or the one given), its output is read by the matched node alone (no other node,
-no subgraph, no graph output), and its other outputs are unused; the root's outputs beyond those
-the rewrite replaces are unused too. A value bound twice (`op.Mul(x, x)`) must be the same tensor
-both times. Commutative ops (Add, Mul, ...) match with their two inputs in either order.
+default domain (or the one given), and whatever it produces is read by matched nodes only (no
+other node, no subgraph) and is no graph output; the root's outputs beyond those the rewrite
+replaces are unused too. An op a pattern uses twice (`d = op.Sub(x, mean)` read by a Pow and a
+Div) is one node; a value bound twice (`op.Mul(x, x)`) must be the same tensor both times.
+Commutative ops (Add, Mul, ...) match with their two inputs in either order.
 
 Written by hand because no library matches ONNX graphs this way over onnx-graphsurgeon (onnxscript's
 rewriter works on its own IR, which graphopt deliberately does not adopt: one graph type).
@@ -237,23 +238,35 @@ class _Scope:
     outputs: set[int]
 
 
-def _match_root(root: OpPattern, node: gs.Node, graph: gs.Graph, local: _Scope) -> Iterator[Match]:
+def _match_root(root: OpPattern, node: gs.Node, graph: gs.Graph, scope: _Scope) -> Iterator[Match]:
     if node.op != root.op or not _domain_ok(node, root) or not _attrs_ok(node, root):
         return
-    for values, nodes in _match_op(root, node, {}, [(root.label, node)], local):
-        yield Match(values, nodes, node, graph)
+    for values, nodes in _match_op(root, node, {}, [(root, node)], scope):
+        if _self_contained(nodes, scope):
+            yield Match(values, [(pattern.label, n) for pattern, n in nodes], node, graph)
 
 
-def _match_op(pattern: OpPattern, node: gs.Node, values: dict, nodes: list, local: _Scope) -> Iterator[tuple[dict, list]]:
+def _self_contained(nodes: list[tuple[OpPattern, gs.Node]], scope: _Scope) -> bool:
+    """Every value a matched node below the root produces is read by matched nodes only (no other
+    node, no subgraph) and is no graph output, so replacing the root removes the match entirely."""
+    matched = {id(n) for _, n in nodes}
+    for _, node in nodes[1:]:
+        for tensor in node.outputs:
+            if id(tensor) in scope.outputs or any(id(reader) not in matched for reader in tensor.outputs):
+                return False
+    return True
+
+
+def _match_op(pattern: OpPattern, node: gs.Node, values: dict, nodes: list, scope: _Scope) -> Iterator[tuple[dict, list]]:
     """Every way `node` matches `pattern` given the bindings so far (commutative orders included)."""
     orders = [pattern.inputs]
     if pattern.op in COMMUTATIVE_OPS and len(pattern.inputs) == 2:
         orders.append(pattern.inputs[::-1])
     for order in orders:
-        yield from _match_inputs(order, list(node.inputs), 0, values, nodes, local)
+        yield from _match_inputs(order, list(node.inputs), 0, values, nodes, scope)
 
 
-def _match_inputs(pins, tensors, i, values, nodes, local) -> Iterator[tuple[dict, list]]:
+def _match_inputs(pins, tensors, i, values, nodes, scope) -> Iterator[tuple[dict, list]]:
     if i == len(pins):
         # Inputs the pattern does not mention must be absent.
         if any(not t.is_empty() for t in tensors[len(pins):]):
@@ -267,16 +280,23 @@ def _match_inputs(pins, tensors, i, values, nodes, local) -> Iterator[tuple[dict
             return
         if pin.name in values and values[pin.name] is not tensor:
             return
-        yield from _match_inputs(pins, tensors, i + 1, {**values, pin.name: tensor}, nodes, local)
+        yield from _match_inputs(pins, tensors, i + 1, {**values, pin.name: tensor}, nodes, scope)
         return
     if tensor is None:
         return
     producer = ir.producer(tensor)
     sub = pin.pattern
+    if producer is None or not any(t is tensor for t in producer.outputs[pin.index : pin.index + 1]):
+        return
+    # An op the pattern reads twice (the mean of a normalization feeds two ops) is one node.
+    seen = next((n for pattern, n in nodes if pattern is sub), None)
+    if seen is not None:
+        if seen is producer:
+            yield from _match_inputs(pins, tensors, i + 1, values, nodes, scope)
+        return
     if (
-        producer is None
         # An outer scope's node is not this graph's to replace: inside a body it is an opaque value.
-        or id(producer) not in local.nodes
+        id(producer) not in scope.nodes
         or producer.op != sub.op
         or not _domain_ok(producer, sub)
         or not _attrs_ok(producer, sub)
@@ -284,15 +304,8 @@ def _match_inputs(pins, tensors, i, values, nodes, local) -> Iterator[tuple[dict
         or any(n is producer for _, n in nodes)
     ):
         return
-    # An interior value is the matched node's alone, so replacing the match removes it entirely.
-    if not any(t is tensor for t in producer.outputs[pin.index : pin.index + 1]) or len(tensor.outputs) != 1:
-        return
-    if id(tensor) in local.outputs:
-        return
-    if any(t.outputs for j, t in enumerate(producer.outputs) if j != pin.index):
-        return
-    for inner_values, inner_nodes in _match_op(sub, producer, values, nodes + [(sub.label, producer)], local):
-        yield from _match_inputs(pins, tensors, i + 1, inner_values, inner_nodes, local)
+    for inner_values, inner_nodes in _match_op(sub, producer, values, nodes + [(sub, producer)], scope):
+        yield from _match_inputs(pins, tensors, i + 1, inner_values, inner_nodes, scope)
 
 
 class RewritePass(Pass):

@@ -157,3 +157,37 @@ def test_an_interior_value_that_is_a_graph_output_is_no_match():
     model.graph.output.append(vi("t", [2, 3]))  # the Mul's result is also an output of the model
     out, stats = _run([Rule(_mul_add, _as_fma)], model)
     assert stats == {} and op_types(out) == ["Mul", "Add"]
+
+
+def _normalize(op, x, eps):
+    """A pattern that reads one op twice: d = x - mean(x) feeds both the variance and the division."""
+    mean = op.ReduceMean(x)
+    d = op.Sub(x, mean)
+    var = op.ReduceMean(op.Mul(d, d))
+    return op.Div(d, op.Sqrt(op.Add(var, eps)))
+
+
+def _normalize_model(extra_read=False):
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]),
+        helper.make_node("Sub", ["x", "m"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["v"], axes=[-1]),
+        helper.make_node("Add", ["v", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["s"]),
+        helper.make_node("Div", ["d", "s"], ["y"]),
+    ]
+    outputs = [vi("y", [2, 4])]
+    if extra_read:
+        nodes.append(helper.make_node("Relu", ["d"], ["z"]))
+        outputs.append(vi("z", [2, 4]))
+    return make_model(nodes, [vi("x", [2, 4])], outputs, [const("eps", np.array(1e-5, np.float32))], opset=17)
+
+
+def test_an_op_read_twice_inside_the_pattern_is_one_node():
+    rule = Rule(_normalize, lambda op, m: op.LayerNormalization(m.x, op.constant(np.ones(4, np.float32)), axis=-1, epsilon=1e-5))
+    out, stats = _run([rule], _normalize_model())
+    assert stats == {"_normalize": 1} and op_types(out) == ["LayerNormalization"]
+    # Read once more outside the pattern, the shared op cannot go: no match.
+    out, stats = _run([rule], _normalize_model(extra_read=True))
+    assert stats == {} and "Div" in op_types(out)
