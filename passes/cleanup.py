@@ -90,10 +90,8 @@ class EliminateNoOps(Pass):
         for node in graph.nodes:
             if node.domain not in ir.DEFAULT_DOMAINS or not node.inputs or not node.outputs:
                 continue
-            check = _NOOP_CHECKS.get(node.op)
-            if check is None or not check(node):
-                continue
-            if ir.replace_all_uses(graph, node.outputs[0], node.inputs[0]):
+            source = _unchanged_input(node)
+            if source is not None and ir.replace_all_uses(graph, node.outputs[0], source):
                 removed.append(node)
         ir.remove_nodes(graph, removed)
         return PassResult(bool(removed), {"removed_nodes": len(removed)})
@@ -171,52 +169,42 @@ def _is_full_slice(node: gs.Node) -> bool:
     return True
 
 
-def _broadcasts_within(node: gs.Node, const: gs.Tensor) -> bool:
-    """`const`, one input of an elementwise `node`, does not widen the shape of its other input."""
-    value = ir.constant_value(const)
-    other = node.inputs[1] if node.inputs[0] is const else node.inputs[0]
-    rank = len(other.shape) if other.shape is not None else None
-    return value is not None and rank is not None and value.ndim <= rank and value.size == 1
+# Ops that give back one input when the other is a constant neutral element, with that element,
+# whether it may stand first, and whether only integers qualify: x * 1 and x / 1 are x exactly for
+# every numeric type (IEEE included); x + 0 and x - 0 only for integers (float -0.0 + 0.0 is +0.0).
+_NEUTRAL_OPERANDS = {"Mul": (1, True, False), "Div": (1, False, False), "Add": (0, True, True), "Sub": (0, False, True)}
 
 
-def _identity_operand(node: gs.Node, neutral: int, commutative: bool, integer_only: bool) -> bool:
-    """`node` (Add/Sub/Mul/Div) combines one input with a constant neutral element: it is that input.
-
-    x * 1 and x / 1 are x exactly for every numeric type (IEEE included); x + 0 and x - 0 only for
-    integers here (float -0.0 + 0.0 is +0.0). The constant must not broadcast x to a bigger shape.
-    When commutative, the neutral element may come first; then the other input is moved to the
-    front so that the caller replaces the output by inputs[0].
-    """
+def _beside_neutral_operand(node: gs.Node) -> gs.Tensor | None:
+    """The input `node` (Add/Sub/Mul/Div) gives back unchanged because its other input is a
+    constant neutral element of the same type that does not broadcast it to a bigger shape."""
+    neutral, commutative, integer_only = _NEUTRAL_OPERANDS[node.op]
     if len(node.inputs) != 2:
-        return False
+        return None
     for index in ((1, 0) if commutative else (1,)):
         const, other = node.inputs[index], node.inputs[1 - index]
         value = ir.constant_value(const)
-        if value is None or value.dtype.kind not in "iuf" or not np.all(value == neutral):
-            continue
-        if integer_only and value.dtype.kind not in "iu":
+        if value is None or value.dtype.kind not in ("iu" if integer_only else "iuf") or not np.all(value == neutral):
             continue
         try:
             same_type = other.dtype is not None and np.dtype(other.dtype) == value.dtype
         except TypeError:  # gs keeps types numpy lacks (bfloat16, float8) as ONNX type codes
             same_type = False
-        if not same_type or not _broadcasts_within(node, const):
-            continue
-        if index == 0:
-            # Put x first (the caller forwards inputs[0]); the op is commutative.
-            a, b = node.inputs[0], node.inputs[1]
-            list.__setitem__(node.inputs, 0, b)
-            list.__setitem__(node.inputs, 1, a)
-        return True
-    return False
+        if same_type and other.shape is not None and value.ndim <= len(other.shape) and value.size == 1:
+            return other
+    return None
+
+
+def _unchanged_input(node: gs.Node) -> gs.Tensor | None:
+    """The input a no-op node returns unchanged, or None when the node does something."""
+    if node.op in _NEUTRAL_OPERANDS:
+        return _beside_neutral_operand(node)
+    check = _NOOP_CHECKS.get(node.op)
+    return node.inputs[0] if check is not None and check(node) else None
 
 
 _NOOP_CHECKS = {
     "Identity": lambda n: True,
-    "Mul": lambda n: _identity_operand(n, 1, commutative=True, integer_only=False),
-    "Div": lambda n: _identity_operand(n, 1, commutative=False, integer_only=False),
-    "Add": lambda n: _identity_operand(n, 0, commutative=True, integer_only=True),
-    "Sub": lambda n: _identity_operand(n, 0, commutative=False, integer_only=True),
     "Dropout": _is_dropout_noop,
     "Cast": _is_same_type_cast,
     "Reshape": _same_static_shape,
