@@ -134,7 +134,7 @@ def _verification_inputs(reference, proto, inputs_path, feedback):
         inputs, outputs, record = verify_mod.reference_inputs(reference, proto)
     if record["dims"]:
         tries = f" ({record['tries']} tries)" if record["tries"] > 1 else ""
-        feedback.note("verifying on generated inputs with " + ", ".join(f"{k}={v}" for k, v in record["dims"].items()) + tries)
+        feedback.note(f"verifying on generated inputs with {_dims_text(record['dims'])}{tries}")
     return inputs, outputs, record
 
 
@@ -362,15 +362,19 @@ def _print_op_changes(before: dict[str, int], after: dict[str, int], verbose: bo
         n0, n1 = before.get(op, 0), after.get(op, 0)
         table.add_row(escape(op), str(n0), str(n1), f"{n1 - n0:+d}" if n1 != n0 else "")
     console.print(table)
-    hidden = len(changed) - len([op for op in shown if op in changed])
+    hidden = 0 if verbose else len(changed) - len(shown)
     if hidden > 0:
         console.print(f"... and {hidden} more op types changed (--verbose lists all)", highlight=False)
+
+
+def _dims_text(dims: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in dims.items())
 
 
 def _print_fidelity(fidelity, inputs: dict | None = None) -> None:
     title = "fidelity vs the original (onnxruntime"
     if inputs and inputs.get("dims"):
-        title += ", generated inputs with " + ", ".join(f"{k}={v}" for k, v in inputs["dims"].items())
+        title += f", generated inputs with {_dims_text(inputs['dims'])}"
     elif inputs and inputs.get("source") not in (None, "generated"):
         title += f", inputs from {inputs['source']}"
     table = Table(title=escape(title + ")"), title_justify="left")

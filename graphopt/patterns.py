@@ -79,18 +79,13 @@ class _PatternBuilder:
     """`op.Conv(x, w)` in a pattern function: records an OpPattern. Keyword arguments are attribute
     values the node must have (`_domain=`, `_name=` are the pattern's own)."""
 
-    def __init__(self):
-        self.ops: list[OpPattern] = []
-
     def optional(self, var: Var) -> Var:
         """An input that may be absent (an omitted optional input, or one the node does not have)."""
         return Var(var.name, optional=True)
 
     def __getattr__(self, op: str) -> Callable[..., OpOutput]:
         def make(*inputs, _domain: str | None = None, _name: str | None = None, **attrs) -> OpOutput:
-            pattern = OpPattern(op, _domain, list(inputs), attrs, _name or op)
-            self.ops.append(pattern)
-            return OpOutput(pattern)
+            return OpOutput(OpPattern(op, _domain, list(inputs), attrs, _name or op))
 
         return make
 
