@@ -83,7 +83,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)|error|internal error)\b.*")
 
 
-def _first_line(text: str) -> str:
+def first_error_line(text: str) -> str:
     """The line of a tool's stderr/stdout that says what went wrong.
 
     A Python traceback starts with "Traceback (most recent call last):", which says nothing, so for
@@ -318,7 +318,7 @@ def _time_clis(src: Path, work: Path, args: argparse.Namespace) -> dict[str, dic
             if rc is None:
                 r["error"] = f"timed out after {args.timeout:g} s"
             elif rc != 0:
-                r["error"] = _first_line(out) or f"exit status {rc}"
+                r["error"] = first_error_line(out) or f"exit status {rc}"
                 r["returncode"] = rc
                 r["output_tail"] = out[-4000:]
             elif not dst.exists():
@@ -367,7 +367,7 @@ def _in_process(src: Path, args: argparse.Namespace) -> dict:
     if rc == 0 and result is not None:
         data = json.loads(result)
         return {"seconds": statistics.median(data["runs_s"]), "runs_s": data["runs_s"], "nodes": data["nodes"], "error": None}
-    error = f"timed out after {args.timeout * args.repeat:g} s" if rc is None else (_first_line(out) or f"exit status {rc}")
+    error = f"timed out after {args.timeout * args.repeat:g} s" if rc is None else (first_error_line(out) or f"exit status {rc}")
     log.print(f"[red]graphopt crashed in-process on {src.name}:[/red]")
     log.print(out[-8000:], markup=False)
     return {"seconds": None, "runs_s": [], "nodes": None, "error": error, "traceback": out[-8000:]}
@@ -403,7 +403,7 @@ def _latency(variants: dict[str, Path], inputs: dict, args: argparse.Namespace) 
                 sess.run(None, feed)
             sessions[v], feeds[v] = sess, feed
         except Exception as exc:  # noqa: BLE001 - a model ORT rejects is that tool's failure
-            lat[v]["error"] = verify._first_line(exc)
+            lat[v]["error"] = verify.first_error_line(exc)
     if not sessions:
         return lat, 0
     probe_name = "original" if "original" in sessions else next(iter(sessions))
@@ -425,7 +425,7 @@ def _latency(variants: dict[str, Path], inputs: dict, args: argparse.Namespace) 
             try:
                 sessions[v].run(None, feeds[v])
             except Exception as exc:  # noqa: BLE001
-                lat[v]["error"] = verify._first_line(exc)
+                lat[v]["error"] = verify.first_error_line(exc)
                 continue
             samples[v].append((time.perf_counter() - t0) * 1e3)
     base = samples.get("original") if "original" in names and not lat["original"]["error"] else None
@@ -485,7 +485,7 @@ def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
                 entry["bytes"] = _file_bytes(r["output"])
                 outputs[tool] = r["output"]
             except Exception as exc:  # noqa: BLE001 - an unreadable output is that tool's failure
-                entry["error"] = f"cannot load its output: {verify._first_line(exc)}"
+                entry["error"] = f"cannot load its output: {verify.first_error_line(exc)}"
         rec["optimizer"][tool] = entry
     if inproc["nodes"] is not None and "graphopt" in rec["nodes"] and inproc["nodes"] != rec["nodes"]["graphopt"]:
         log.print(f"  [yellow]note:[/yellow] in-process graphopt gave {inproc['nodes']} nodes, the CLI {rec['nodes']['graphopt']}")
@@ -500,8 +500,8 @@ def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
             worst = max((o.max_abs_error for o in fid.outputs), default=float("nan"), key=lambda v: math.inf if math.isnan(v) else v)
             rec["fidelity"][tool] = {"ok": fid.ok, "max_abs_error": worst, "detail": fid.to_dict()}
         except Exception as exc:  # noqa: BLE001
-            rec["fidelity"][tool] = {"error": verify._first_line(exc)}
-            rec["optimizer"][tool]["error"] = rec["optimizer"][tool].get("error") or f"onnxruntime: {verify._first_line(exc)}"
+            rec["fidelity"][tool] = {"error": verify.first_error_line(exc)}
+            rec["optimizer"][tool]["error"] = rec["optimizer"][tool].get("error") or f"onnxruntime: {verify.first_error_line(exc)}"
             outputs.pop(tool)
     del reference
 
@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                 tb = traceback.format_exc()
                 log.print(f"[red]{name} failed:[/red]")
                 log.print(tb, markup=False)
-                records.append({"model": name, "error": _first_line(tb) or repr(exc), "traceback": tb})
+                records.append({"model": name, "error": first_error_line(tb) or repr(exc), "traceback": tb})
             finally:
                 if not args.keep:
                     shutil.rmtree(work, ignore_errors=True)

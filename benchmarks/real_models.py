@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench import first_error_line  # noqa: E402
 from graphopt.ir import all_nodes  # noqa: E402
 from graphopt.optimize import optimize  # noqa: E402
 from tests.real_models import harness, zoo  # noqa: E402
@@ -76,19 +77,6 @@ onnx.save(out, dst)
 """
 
 
-def _first_line(text: str) -> str:
-    """The line of a child's stderr that says what went wrong (a traceback's last exception line)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        return "no output"
-    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
-        for ln in reversed(lines):
-            if ("Error" in ln or "Exception" in ln) and not ln.startswith("File "):
-                return ln
-        return lines[-1]
-    return lines[0]
-
-
 def _run_peer(tool: str, src: Path, dst: Path, timeout: float) -> tuple[onnx.ModelProto | None, str | None, float]:
     start = time.perf_counter()
     try:
@@ -100,7 +88,7 @@ def _run_peer(tool: str, src: Path, dst: Path, timeout: float) -> tuple[onnx.Mod
         return None, f"timed out after {timeout:.0f} s", time.perf_counter() - start
     seconds = time.perf_counter() - start
     if proc.returncode != 0 or not dst.exists():
-        return None, _first_line(proc.stderr or proc.stdout) or f"exit code {proc.returncode}", seconds
+        return None, first_error_line(proc.stderr or proc.stdout) or f"exit code {proc.returncode}", seconds
     return onnx.load(str(dst)), None, seconds
 
 
@@ -119,7 +107,7 @@ def _bench(name: str, work: Path, args: argparse.Namespace) -> dict:
         tb = traceback.format_exc()
         log.print(f"[red]graphopt failed on {name}:[/red]")
         log.print(tb, markup=False)
-        rec["errors"]["graphopt"] = _first_line(tb)
+        rec["errors"]["graphopt"] = first_error_line(tb)
     rec["seconds"]["graphopt"] = time.perf_counter() - start
     for tool in PEERS:
         model, error, seconds = _run_peer(tool, src, work / f"{name}.{tool}.onnx", args.timeout)
@@ -140,7 +128,7 @@ def _bench(name: str, work: Path, args: argparse.Namespace) -> dict:
                 if not o.within_tolerance
             ]
         except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot run is wrong too
-            bad = [f"does not run: {_first_line(str(exc))}"]
+            bad = [f"does not run: {first_error_line(str(exc))}"]
         if bad:
             rec["wrong"][tool] = sorted(set(bad))
     for tool, model in outputs.items():
@@ -273,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - one broken model must not lose the others
                 tb = traceback.format_exc()
                 log.print(tb, markup=False)
-                records.append({"model": name, "error": _first_line(tb) or repr(exc)})
+                records.append({"model": name, "error": first_error_line(tb) or repr(exc)})
             if args.json:
                 _write_json(args.json, records)
     out_console.print(_nodes_table(records, args))
