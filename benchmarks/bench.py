@@ -57,7 +57,7 @@ from rich.console import Console
 from rich.table import Table
 
 import graphopt
-from graphopt import ir, models, verify
+from graphopt import export, models, verify
 
 TOOLS = ("graphopt", "onnxsim", "onnxslim")
 BUSY = 0.10  # others' CPU share from which timings are flagged (and, with --retry-busy, taken again)
@@ -344,12 +344,12 @@ def _time_clis(src: Path, work: Path, args: argparse.Namespace) -> dict[str, dic
 # (the code on disk may change while a long benchmark runs) and its memory goes back when it ends.
 _IN_PROCESS = r"""
 import json, sys
-from graphopt import ir
+from graphopt import loading
 from graphopt.optimize import optimize
 src, target, level, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 secs, nodes = [], None
 for _ in range(repeat):
-    proto = ir.load_proto(src)  # consumed by optimize
+    proto = loading.load_proto(src)  # consumed by optimize
     result, report = optimize(proto, target=target, opt_level=level, source=src)
     secs.append(report.seconds)
     nodes = report.after.nodes
@@ -448,7 +448,7 @@ def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
     proto = models.load(name)
     rec["build_s"] = time.perf_counter() - t0
     src = work / f"{name}.onnx"
-    ir.save(proto, src)
+    export.save(proto, src)
     del proto
     rec["bytes"] = _file_bytes(src)
     rec["nodes"] = {"original": _nodes_in_file(src)}

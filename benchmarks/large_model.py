@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import ir
+from graphopt import export, ir
 
 SIDE = 4096  # one 4096 x 4096 fp32 weight = 64 MiB
 
@@ -48,7 +48,7 @@ def build(path: Path, total_bytes: int) -> int:
     current.shape = [1, SIDE]
     graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[current], opset=17)
     model = ir.Model(graph=graph, ir_version=8, opset_imports={"": 17})
-    ir.save(model, path, external_data=True)
+    export.save(model, path, external_data=True)
     return layers * SIDE * SIDE * 4
 
 

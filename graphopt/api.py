@@ -5,7 +5,7 @@
     result = api.optimize("model.onnx", target="arm64")   # or a ModelProto, or "zoo:resnet18"
     result.save("model.opt.onnx")
 
-Built on `graphopt.optimize.optimize_model` (the pipeline) and `ir.save` (the atomic write), so a
+Built on `graphopt.optimize.optimize_model` (the pipeline) and `export.save` (the atomic write), so a
 model comes out exactly as the CLI writes it. Errors are GraphoptErrors with the CLI's one-line
 messages; VerificationError (a GraphoptError) when the result no longer computes what the original
 did.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from graphopt import ir
+from graphopt import export, ir
 from graphopt import targets as _targets
 from graphopt import verify as _verify
 from graphopt.optimize import Report, check_opset, optimize_model, resolve_source
@@ -46,7 +46,7 @@ class Result:
     @functools.cached_property
     def model(self) -> onnx.ModelProto:
         # Built on first use: it copies every weight, which `save` does not need.
-        return ir.to_proto(self._ir)
+        return export.to_proto(self._ir)
 
     @property
     def fidelity(self) -> _verify.Fidelity | None:
@@ -55,7 +55,7 @@ class Result:
 
     def save(self, path: str | os.PathLike) -> int:
         """Write the model atomically (weights over 2 GiB to `<path>.data`); returns the bytes written."""
-        size = ir.save(self._ir, path)
+        size = export.save(self._ir, path)
         self.report.output = str(path)
         return size
 
@@ -146,10 +146,10 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _run(result: Result, feeds) -> dict[str, np.ndarray]:
-    if ir.approx_nbytes(result._ir) <= ir.PROTOBUF_LIMIT_BYTES:
+    if export.approx_nbytes(result._ir) <= export.PROTOBUF_LIMIT_BYTES:
         return _verify.run(result.model, feeds)
     # Too big for onnxruntime to take from memory: it reads the weights from a saved copy.
     with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as tmp:
         path = Path(tmp) / "model.onnx"
-        ir.save(result._ir, path)
+        export.save(result._ir, path)
         return _verify.run(str(path), feeds)

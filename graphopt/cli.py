@@ -161,7 +161,7 @@ def _verification_inputs(reference, proto, inputs_path, feedback):
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
 def run(model, target, opt_level, output, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
-    from graphopt import ir, targets
+    from graphopt import export, targets
     from graphopt import verify as verify_mod
     from graphopt.feedback import Feedback, PassProgress
     from graphopt.optimize import check_opset, optimize_model
@@ -243,7 +243,7 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
 
     try:
         with feedback.phase(f"writing {out}"):
-            ir.save(result, out, validate=check_fidelity)
+            export.save(result, out, validate=check_fidelity)
     except VerificationError:
         _finish_report(report, report_path, quiet, verbose)
         raise
@@ -393,7 +393,7 @@ def _print_fidelity(fidelity, inputs: dict | None = None) -> None:
 @_shape_options
 def inspect(model, as_json, input_shapes, dims):
     """Show MODEL's inputs, outputs, op histogram, parameters, FLOPs and bytes per op type."""
-    from graphopt import ir
+    from graphopt import export, loading
     from graphopt.analysis.cost import graph_cost
     from graphopt.analysis.shapes import infer_shapes, resolve_shapes
     from graphopt.analysis.stats import model_stats
@@ -401,8 +401,8 @@ def inspect(model, as_json, input_shapes, dims):
     from graphopt.specialize import describe
 
     proto, _, specialization = _load(model, Feedback(err_console, quiet=as_json), None, input_shapes, dims)
-    size = ir.approx_nbytes(proto)
-    m = ir.from_proto(proto)
+    size = export.approx_nbytes(proto)
+    m = loading.from_proto(proto)
     infer_shapes(m)
     resolve_shapes(m)
     stats = model_stats(m)
@@ -504,7 +504,7 @@ def zoo(ctx):
 @_quiet_option
 def zoo_export(name, output, quiet):
     """Save the zoo model NAME (with or without the zoo: prefix) as an ONNX file."""
-    from graphopt import ir
+    from graphopt import export, loading
     from graphopt.feedback import Feedback
 
     name = name.removeprefix("zoo:")
@@ -516,7 +516,7 @@ def zoo_export(name, output, quiet):
     feedback = Feedback(err_console, quiet=quiet)
     proto, _, _ = _load(f"zoo:{name}", feedback)
     with feedback.phase(f"writing {out}"):
-        ir.save(ir.from_proto(proto), out)
+        export.save(loading.from_proto(proto), out)
     if not quiet:
         console.print(f"wrote [bold]{escape(str(out))}[/bold]")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from graphopt import ir
+from graphopt import export
 from graphopt.analysis.stats import ModelStats, model_stats
 from graphopt.pass_manager import Instrument, Pass, PassContext, PassResult
 
@@ -49,7 +49,7 @@ class DumpIR(Instrument):
         if result.changed:
             self.count += 1
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", pass_.name)
-            ir.save(ctx.model, self.folder / f"{self.count:03d}-{safe}.onnx")
+            export.save(ctx.model, self.folder / f"{self.count:03d}-{safe}.onnx")
         return None
 
 
@@ -74,7 +74,7 @@ class VerifyEach(Instrument):
         if not result.changed:
             return None
         try:
-            proto = ir.to_proto(ctx.model)
+            proto = export.to_proto(ctx.model)
             onnx.checker.check_model(proto)
             got = self._verify.run(proto, self.inputs)
         except Exception as exc:  # noqa: BLE001 - any failure to run is a broken model

@@ -9,7 +9,7 @@ from typing import Any
 
 import onnx
 
-from graphopt import ir
+from graphopt import export, ir, loading
 from graphopt.analysis.shapes import resolve_shapes
 from graphopt.analysis.stats import ModelStats, model_stats
 from graphopt.errors import GraphoptError
@@ -87,14 +87,14 @@ def versions() -> dict[str, str]:
 def resolve_source(spec: str, files: set | None = None, notify=None) -> tuple[onnx.ModelProto, str | None]:
     """A model from `zoo:NAME` or a file path; returns the proto and the file path (None for zoo).
 
-    `files` receives the paths of the files a model on disk consists of (see ir.load_proto);
+    `files` receives the paths of the files a model on disk consists of (see loading.load_proto);
     `notify(text)` hears of slow first-time work (a zoo model trained before its first use).
     """
     if spec.startswith("zoo:"):
         from graphopt import models
 
         return models.load(spec[4:], notify=notify), None
-    return ir.load_proto(spec, files=files), spec
+    return loading.load_proto(spec, files=files), spec
 
 
 def check_opset(proto: onnx.ModelProto, target) -> None:
@@ -109,7 +109,7 @@ def check_opset(proto: onnx.ModelProto, target) -> None:
 def optimize(proto: onnx.ModelProto, **kwargs) -> tuple[onnx.ModelProto, Report]:
     """Optimize a model and return it as a ModelProto (see `optimize_model` for the arguments)."""
     model, report = optimize_model(proto, **kwargs)
-    return ir.to_proto(model), report
+    return export.to_proto(model), report
 
 
 def optimize_model(
@@ -130,7 +130,7 @@ def optimize_model(
     specialization: Specialization | None = None,
     instruments: list | None = None,
 ) -> tuple[ir.Model, Report]:
-    """Optimize a model into graphopt's IR, ready for `ir.save` (which streams it to disk).
+    """Optimize a model into graphopt's IR, ready for `export.save` (which streams it to disk).
 
     `proto` is consumed (its tensors move into the result); pass `reference` (a copy or the file
     path) to verify against the original. `cleanup` ends a custom `passes` list with dce (see
@@ -142,11 +142,11 @@ def optimize_model(
 
     tgt = targets.get(target)
     pipeline = build_pipeline(opt_level, tgt, only=passes, disabled=disabled, cleanup=cleanup)
-    bytes_before = ir.approx_nbytes(proto)
+    bytes_before = export.approx_nbytes(proto)
     check_opset(proto, tgt)
     if verify_each and reference is None:
         raise GraphoptError("--verify-each needs the original model to compare against")
-    model = ir.from_proto(proto, fold_input_defaults=fold_input_defaults)
+    model = loading.from_proto(proto, fold_input_defaults=fold_input_defaults)
     ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}))
     ctx.analysis("shapes")
     ir.check_shapes(model)
@@ -184,7 +184,7 @@ def optimize_model(
         before=before,
         after=after,
         bytes_before=bytes_before,
-        bytes_after=ir.approx_nbytes(model),
+        bytes_after=export.approx_nbytes(model),
         passes=records,
         pass_deltas=deltas.deltas,
         seconds=seconds,

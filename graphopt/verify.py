@@ -43,7 +43,8 @@ from onnx import numpy_helper
 
 from graphopt.errors import GraphoptError, VerificationError, one_line
 
-from graphopt.ir import PROTOBUF_LIMIT_BYTES, all_graphs, all_nodes, approx_nbytes  # over the limit: ORT gets a file
+from graphopt.export import PROTOBUF_LIMIT_BYTES, approx_nbytes  # over the limit: ORT gets a file
+from graphopt.ir import all_graphs, all_nodes
 
 # onnxruntime's own logger prints errors (coloured, multi-line) before raising them to us; the
 # exception carries the same text, which we report in one line.

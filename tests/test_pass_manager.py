@@ -8,7 +8,7 @@ import pytest
 from helpers import F, copy, make_model, op_types
 from onnx import helper
 
-from graphopt import ir, pass_manager
+from graphopt import analysis, export, loading, pass_manager
 from graphopt.errors import GraphoptError
 from graphopt.optimize import optimize
 from graphopt.pass_manager import FixedPoint, Pass, PassContext, PassManager, PassResult, Sequential, register_pass
@@ -85,7 +85,7 @@ class _CountingPass(Pass):
 
 
 def test_fixed_point_stops_when_nothing_changes_and_at_its_cap():
-    ctx = PassContext(model=ir.from_proto(_relu_chain()))
+    ctx = PassContext(model=loading.from_proto(_relu_chain()))
     settles = _CountingPass(2)
     PassManager(FixedPoint([settles], max_iterations=10)).run(ctx)
     assert settles.calls == 3  # two changing runs, then one that confirms the fixed point
@@ -97,7 +97,7 @@ def test_fixed_point_stops_when_nothing_changes_and_at_its_cap():
 def test_analyses_are_cached_until_a_pass_invalidates_them():
     calls = []
 
-    @pass_manager.register_analysis("test-counter")
+    @analysis.register_analysis("test-counter")
     def _counter(model, ctx):
         calls.append(1)
         return len(calls)
@@ -114,7 +114,7 @@ def test_analyses_are_cached_until_a_pass_invalidates_them():
             ctx.analysis("test-counter")
             return PassResult(self.change)
 
-    ctx = PassContext(model=ir.from_proto(_relu_chain()))
+    ctx = PassContext(model=loading.from_proto(_relu_chain()))
     PassManager(Sequential([Reader(False), Reader(False)])).run(ctx)
     assert len(calls) == 1  # unchanged graph: cached
     PassManager(Sequential([Reader(True), Reader(False)])).run(ctx)
@@ -145,7 +145,7 @@ def test_a_pass_runs_on_every_subgraph_once():
             seen.append((graph.name, ctx.is_main_graph))
             return PassResult(False)
 
-    PassManager(Spy()).run(PassContext(model=ir.from_proto(model)))
+    PassManager(Spy()).run(PassContext(model=loading.from_proto(model)))
     assert seen == [("test", True), ("body", False), ("body", False)]
 
 
@@ -172,8 +172,8 @@ def test_save_is_atomic_and_uses_external_data_past_the_limit(tmp_path, monkeypa
     from graphopt import models
 
     target = tmp_path / "m.onnx"
-    monkeypatch.setattr(ir, "PROTOBUF_LIMIT_BYTES", 1000)
-    ir.save(ir.from_proto(models.load("digits_cnn")), target)
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT_BYTES", 1000)
+    export.save(loading.from_proto(models.load("digits_cnn")), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
-    loaded = ir.load(target)
+    loaded = loading.load(target)
     assert len(loaded.graph.nodes) == 9

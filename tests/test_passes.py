@@ -8,7 +8,7 @@ import pytest
 from helpers import F, const, copy, make_model, op_types, optimize_checked
 from onnx import helper
 
-from graphopt import ir
+from graphopt import export
 
 
 def vi(name, shape, dtype=F):
@@ -265,7 +265,7 @@ def test_fold_declines_results_that_blow_up_the_file():
     )
     out, _ = optimize_checked(model)
     assert "ConstantOfShape" in op_types(out)
-    assert ir.approx_nbytes(out) < 100_000
+    assert export.approx_nbytes(out) < 100_000
     out_small_limit, _ = optimize_checked(model, options={"fold_size_limit": 8 << 20})
     assert "ConstantOfShape" not in op_types(out_small_limit)
 

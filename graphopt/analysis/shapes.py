@@ -9,15 +9,15 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt import ir
-from graphopt.pass_manager import register_analysis
+from graphopt import export, ir, loading
+from graphopt.analysis import register_analysis
 
 
 @register_analysis("shapes")
 def infer_shapes(model: ir.Model, ctx=None) -> dict[str, tuple]:
     """Annotate every Variable of every graph with dtype and shape; returns name -> (dtype, shape)."""
     # Recorded value_info may be stale after rewrites: everything is inferred afresh.
-    proto = ir.structure_proto(model, value_info=False)
+    proto = export.structure_proto(model, value_info=False)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
@@ -77,9 +77,11 @@ def resolve_shapes(model: ir.Model) -> int:
     constants; tensors that survive folding keep their names, so their inferred shapes are carried
     back onto the model. Only a dimension the original does not know yet is filled in.
     """
+    # Imported here, not at the top: analyses sit below the pass manager (which imports their
+    # registry, graphopt.analysis), and only this function, which runs passes, needs it.
     from graphopt.pass_manager import FixedPoint, PassContext, PassManager, create_pass
 
-    copy = ir.from_proto(ir.structure_proto(model, value_info=False))
+    copy = loading.from_proto(export.structure_proto(model, value_info=False))
     # A folded tensor is gone from the copy, but what replaced it sits at the same input of each
     # consumer that survived: that replacement's shape is the folded tensor's.
     uses = {

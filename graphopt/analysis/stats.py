@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from graphopt import ir
+from graphopt.analysis import register_analysis
 from graphopt.analysis.cost import graph_cost
-from graphopt.pass_manager import register_analysis
 
 
 @dataclass(frozen=True)
