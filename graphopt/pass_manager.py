@@ -1,9 +1,10 @@
-"""Passes, the pass registry, composition (Sequential, FixedPoint), analyses and instruments.
+"""Passes, the pass registry, composition (Sequential, FixedPoint), the pass context and instruments.
 
 The shape follows LLVM's new pass manager and TVM's `tvm.transform`: a pass is small and stateless,
 returns whether it changed the graph and which analyses it preserved, and everything around it
 (walking subgraphs, caching analyses, timing, stats, IR dumps, verification, rollback) belongs to
-the manager and its instruments, not to the pass.
+the manager and its instruments, not to the pass. Analyses are registered and cached by
+`graphopt.analysis` (register_analysis, AnalysisManager); `PassContext.analysis(name)` asks it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import onnx_graphsurgeon as gs
 
-from graphopt import ir
+from graphopt import export, ir, loading
+from graphopt.analysis import AnalysisManager
 from graphopt.errors import GraphoptError
 
 # ---------------------------------------------------------------------------------------------
@@ -190,46 +192,6 @@ def filter_pipeline(item, disabled: set[str]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Analyses
-
-AnalysisFn = Callable[[ir.Model, "PassContext"], Any]
-_ANALYSES: dict[str, AnalysisFn] = {}
-
-
-def register_analysis(name: str):
-    """Decorator: `fn(model, ctx) -> result` computed on demand, cached until a pass invalidates it."""
-
-    def wrap(fn: AnalysisFn) -> AnalysisFn:
-        _ANALYSES[name] = fn
-        return fn
-
-    return wrap
-
-
-class AnalysisManager:
-    def __init__(self):
-        self._cache: dict[str, Any] = {}
-
-    def get(self, name: str, model: ir.Model, ctx: PassContext) -> Any:
-        if name not in self._cache:
-            if name not in _ANALYSES:
-                _load_analyses()
-            if name not in _ANALYSES:
-                raise KeyError(f"unknown analysis '{name}'")
-            self._cache[name] = _ANALYSES[name](model, ctx)
-        return self._cache[name]
-
-    def invalidate(self, preserved: Iterable[str] = ()) -> None:
-        keep = set(preserved)
-        self._cache = {k: v for k, v in self._cache.items() if k in keep}
-
-
-def _load_analyses() -> None:
-    import graphopt.analysis.shapes  # noqa: F401
-    import graphopt.analysis.stats  # noqa: F401
-
-
-# ---------------------------------------------------------------------------------------------
 # Context and instruments
 
 
@@ -257,6 +219,19 @@ class PassContext:
     @property
     def opset(self) -> int:
         return self.model.opset
+
+    def can_emit(self, op: str, domain: str = "") -> bool:
+        """Whether this context's target may be handed `op` of `domain` at the model's opset.
+
+        Passes ask this instead of naming a target (Target.can_emit); a context built without a
+        target answers for the default one, x86_64.
+        """
+        target = self.target
+        if target is None:
+            from graphopt import targets  # lazily: targets probe onnxruntime
+
+            target = targets.get("x86_64")
+        return target.can_emit(op, domain, self.opset)
 
     def fresh_name(self, base: str) -> str:
         allocator = self.options.get("_names")
@@ -332,7 +307,7 @@ class PassManager:
         record = records.setdefault(pass_.name, PassRecord(pass_.name))
         snapshot = None
         if any(i.needs_snapshot for i in ctx.instruments):
-            snapshot = ir.to_proto(ctx.model)
+            snapshot = export.to_proto(ctx.model)
         for instrument in ctx.instruments:
             instrument.before_pass(pass_, ctx)
         start = time.perf_counter()
@@ -355,7 +330,7 @@ class PassManager:
         rejections = [r for r in (i.after_pass(pass_, ctx, result) for i in ctx.instruments) if r]
         if rejections and snapshot is not None:
             reason = "; ".join(rejections)
-            restored = ir.from_proto(snapshot)
+            restored = loading.from_proto(snapshot)
             ctx.model.graph = restored.graph
             ctx.model.input_defaults = restored.input_defaults
             ctx.analyses.invalidate()

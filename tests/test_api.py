@@ -40,7 +40,7 @@ def test_readme_python_api_example(tmp_path, monkeypatch):
     lines = printed.getvalue().splitlines()
     assert lines[1] == "outputs within tolerance: True"
     assert any(line.split()[:3] == ["dce", "-O1", "built-in"] for line in lines), lines
-    assert lines[-1] == "['arm64', 'cuda', 'x86_64']"
+    assert lines[-1] == "['arm64', 'cuda', 'generic', 'x86_64']"
     saved = tmp_path / "bert_tiny.opt.onnx"
     onnx.checker.check_model(str(saved))
     before, after = (int(n) for n in lines[0].split()[::2][:2])
@@ -86,7 +86,7 @@ def test_plugins_and_passes(scratch_registry, tmp_path):
     assert op_types(result.model) == ["Relu", "Identity"]  # both Negs: one rewired, the dead one cleaned up
     info = api.passes()["eliminate-double-neg"]
     assert (info.level, info.source, info.description) == ("-O2", f"plugin {plugin}", "Neg(Neg(x)) -> x")
-    assert set(api.targets()) == {"x86_64", "arm64", "cuda"}
+    assert set(api.targets()) == {"x86_64", "arm64", "cuda", "generic"}
 
 
 def test_verification_failure_raises(scratch_registry):
