@@ -30,6 +30,7 @@ rewriter works on its own IR, which graphopt deliberately does not adopt: one gr
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -77,11 +78,34 @@ class OpOutput:
 
 class _PatternBuilder:
     """`op.Conv(x, w)` in a pattern function: records an OpPattern. Keyword arguments are attribute
-    values the node must have (`_domain=`, `_name=` are the pattern's own)."""
+    values the node must have (`_domain=`, `_name=` are the pattern's own).
 
-    def optional(self, var: Var) -> Var:
-        """An input that may be absent (an omitted optional input, or one the node does not have)."""
-        return Var(var.name, optional=True)
+    `either` and `optional` make one pattern function describe several forms; tracing runs the
+    function once per combination of their choices (see `_trace`), and `decisions` holds the
+    choices of this run: a prefix given, the rest the first form.
+    """
+
+    def __init__(self, decisions: list[int]):
+        self.decisions = decisions
+        self.arities: list[int] = []
+
+    def either(self, *forms):
+        """One of several forms of the same value (the ways exporters write it), first form first."""
+        if not forms:
+            raise TypeError("either() needs at least one form")
+        i = len(self.arities)
+        self.arities.append(len(forms))
+        if i == len(self.decisions):
+            self.decisions.append(0)
+        return forms[self.decisions[i]]
+
+    def optional(self, value: Var | OpOutput):
+        """A Var: an input that may be absent (an omitted optional input, or one the node does not
+        have). An op: a node that may be absent, its first input then taking its place
+        (`op.optional(op.Mul(r, gamma))` is r scaled by gamma, or r itself)."""
+        if isinstance(value, Var):
+            return Var(value.name, optional=True)
+        return self.either(value, value.pattern.inputs[0])
 
     def __getattr__(self, op: str) -> Callable[..., OpOutput]:
         def make(*inputs, _domain: str | None = None, _name: str | None = None, **attrs) -> OpOutput:
@@ -95,6 +119,8 @@ class Match:
     """What a pattern matched: bound values by parameter name (`m.x`, `m["x"]`) and nodes by label
     (the op type, or the `_name=` given in the pattern; the outermost wins when two share one)."""
 
+    # Every parameter of the pattern: None when absent (an optional input, or one that only a form
+    # other than the matched one reads).
     values: dict[str, gs.Tensor | None]
     # Every matched node, root first, with its label.
     matched: list[tuple[str, gs.Node]]
@@ -128,6 +154,35 @@ class Match:
     def is_constant(self, *names: str) -> bool:
         return all(self.values.get(n) is not None and ir.constant_value(self.values[n]) is not None for n in names)
 
+    def scalar(self, name: str) -> float | None:
+        """The value of a constant holding a single number (shape [] or [1]), else None."""
+        value = self.value(name)
+        if value is None or value.size != 1 or value.ndim > 1:
+            return None
+        return value.reshape(-1)[0].item()
+
+    def dtype(self, name: str) -> np.dtype | None:
+        tensor = self.values.get(name)
+        if tensor is None or tensor.dtype is None:
+            return None
+        try:
+            return np.dtype(tensor.dtype)
+        except TypeError:
+            return None
+
+    def shape(self, name: str) -> tuple[int | str, ...] | None:
+        """The shape as shape inference left it (ints, symbolic names), or None when unknown."""
+        tensor = self.values.get(name)
+        return None if tensor is None or tensor.shape is None else tuple(tensor.shape)
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        tensor = self.values.get(name)
+        return None if tensor is None else ir.static_shape(tensor)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
 
 # ---------------------------------------------------------------------------------------------
 # Rewrites: what the `op` of a rewrite function builds
@@ -141,7 +196,12 @@ class _GraphBuilder:
         self.created: list[gs.Node] = []
 
     def constant(self, value: np.ndarray, name: str | None = None) -> gs.Constant:
+        """A new constant, named `name` (made unique) or after the matched root."""
         return ir.make_constant(self.ctx.fresh_name(name or f"{self.base}_const"), np.asarray(value))
+
+    def can_emit(self, op: str, domain: str = "") -> bool:
+        """Whether the target runs `op` at the model's opset: for rewrites that pick among forms."""
+        return self.ctx.can_emit(op, domain)
 
     def __getattr__(self, op: str) -> Callable[..., gs.Variable | tuple[gs.Variable, ...]]:
         def make(*inputs, _domain: str | None = None, _outputs: int = 1, **attrs):
@@ -165,7 +225,8 @@ class _GraphBuilder:
 
 class Rule:
     """A pattern (or several alternatives of one, e.g. the forms different exporters write), the
-    rewrite that replaces what it matches, and the check that says when that is legal.
+    rewrite that replaces what it matches, and the check that says when that is legal. Forms are
+    tried in order (within a function: `either`'s first form first), the first that passes wins.
 
     `rewrite(op, m)` returns the tensor (or tuple of tensors) that replaces the root's output(s);
     None declines the match after all (for a reason only computing the rewrite reveals).
@@ -178,34 +239,56 @@ class Rule:
         check: Callable[[Match], bool] | None = None,
         *,
         name: str | None = None,
+        emits: Sequence[str | tuple[str, str]] = (),
     ):
         functions = [pattern] if callable(pattern) else list(pattern)
-        self.roots = [_trace(fn) for fn in functions]
-        ops = {root.op for root in self.roots}
-        if len(ops) != 1:
-            raise TypeError(f"the alternatives of a rule must share their root op, not {sorted(ops)}")
-        self.root_op = ops.pop()
+        self.roots = [root for fn in functions for root in _trace(fn)]
+        self.root_ops = frozenset(root.op for root in self.roots)
+        self.params = list(dict.fromkeys(p for fn in functions for p in list(inspect.signature(fn).parameters)[1:]))
         self.rewrite = rewrite
         self.check = check
         self.name = name or functions[0].__name__
+        # The ops the rewrite creates ("Op" or ("Op", "domain")): the rule runs only where the
+        # target may emit them all at the model's opset (PassContext.can_emit).
+        self.emits = [(e, "") if isinstance(e, str) else tuple(e) for e in emits]
 
     def match(self, node: gs.Node, graph: gs.Graph, scope: _Scope) -> Match | None:
         """The first way `node` roots a match that passes the check."""
         for root in self.roots:
+            if root.op != node.op:
+                continue
             for m in _match_root(root, node, graph, scope):
+                m.values = {**dict.fromkeys(self.params), **m.values}
                 if self.check is None or self.check(m):
                     return m
         return None
 
 
-def _trace(fn: Callable) -> OpPattern:
-    """Run a pattern function on Vars named after its parameters; the op it returns is the root."""
+# More forms than this in one rule is a pattern that should be split (matching tries each in turn).
+MAX_FORMS = 256
+
+
+def _trace(fn: Callable) -> list[OpPattern]:
+    """Run a pattern function on Vars named after its parameters, once per combination of the
+    choices its `either`/`optional` calls make; the op each run returns is a root."""
     params = list(inspect.signature(fn).parameters)[1:]
-    builder = _PatternBuilder()
-    out = fn(builder, *(Var(p) for p in params))
-    if not isinstance(out, OpOutput):
-        raise TypeError(f"pattern {fn.__name__} must return an op (op.Something(...)), not {type(out).__name__}")
-    return out.pattern
+    roots: list[OpPattern] = []
+    decisions: list[int] = []
+    while True:
+        builder = _PatternBuilder(decisions)
+        out = fn(builder, *(Var(p) for p in params))
+        if not isinstance(out, OpOutput):
+            raise TypeError(f"pattern {fn.__name__} must return an op (op.Something(...)), not {type(out).__name__}")
+        roots.append(out.pattern)
+        if len(roots) > MAX_FORMS:
+            raise TypeError(f"pattern {fn.__name__} has more than {MAX_FORMS} forms; split it into several rules")
+        # The next combination, odometer style: advance the last choice that has forms left.
+        decisions = builder.decisions[: len(builder.arities)]
+        while decisions and decisions[-1] + 1 == builder.arities[len(decisions) - 1]:
+            decisions.pop()
+        if not decisions:
+            return roots
+        decisions[-1] += 1
 
 
 def _domain_ok(node: gs.Node, pattern: OpPattern) -> bool:
@@ -307,19 +390,28 @@ class RewritePass(Pass):
     """A pass made of rules: subclass, set `rules` (and name, description, opt_level)."""
 
     rules: ClassVar[Sequence[Rule]] = ()
+    # True when checks read shapes or dtypes (`m.shape`, `m.dtype`): shape inference runs first.
+    needs_shapes: ClassVar[bool] = False
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         by_root: dict[str, list[Rule]] = {}
         for rule in self.rules:
-            by_root.setdefault(rule.root_op, []).append(rule)
+            if not all(ctx.can_emit(op, domain) for op, domain in rule.emits):
+                continue
+            for op in rule.root_ops:
+                by_root.setdefault(op, []).append(rule)
+        worklist = deque(n for n in graph.nodes if n.op in by_root)
+        if not worklist:
+            return PassResult(False)
+        if self.needs_shapes:
+            ctx.analysis("shapes")
         outputs = {id(t) for t in graph.outputs}
         scope = _Scope({id(n) for n in graph.nodes}, outputs)
         counts: dict[str, int] = {}
         replaced: list[gs.Node] = []
         gone: set[int] = set()
-        worklist = [n for n in graph.nodes if n.op in by_root]
         while worklist:
-            node = worklist.pop(0)
+            node = worklist.popleft()
             if id(node) in gone:
                 continue
             for rule in by_root.get(node.op, ()):
@@ -332,6 +424,12 @@ class RewritePass(Pass):
                     ir.remove_nodes(graph, builder.created)
                     continue
                 new = list(result) if isinstance(result, tuple) else [result]
+                # What replaces a value has its type and shape (a graph output keeps its name).
+                for old, fresh in zip(node.outputs, new):
+                    if fresh.dtype is None:
+                        fresh.dtype = old.dtype
+                    if fresh.shape is None:
+                        fresh.shape = old.shape
                 # The root's outputs the rewrite does not replace must be unused.
                 if any(t.outputs or id(t) in outputs for t in node.outputs[len(new):]) or not all(
                     ir.replace_all_uses(graph, old, fresh) for old, fresh in zip(node.outputs, new)
@@ -343,6 +441,8 @@ class RewritePass(Pass):
                     replaced.append(matched)
                 counts[rule.name] = counts.get(rule.name, 0) + 1
                 scope.nodes.update(id(n) for n in builder.created)
+                # What the rewrite created may match in turn. What reads its results comes later
+                # in the (topological) worklist, so it is still to be visited, now reading them.
                 worklist.extend(n for n in builder.created if n.op in by_root)
                 break
         # What a match covers is read by nothing else (see the module docstring), so it all goes.

@@ -10,7 +10,7 @@ import pytest
 from helpers import copy, make_model, op_types
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import ir, models, verify
+from graphopt import export, loading, models, verify
 from graphopt.optimize import optimize
 from graphopt.pass_manager import PassContext, PassManager, Sequential, create_pass
 
@@ -263,10 +263,10 @@ def test_runs_directly_through_pass_manager():
     g = G()
     torch_ln(g)
     g.output("y")
-    model = ir.from_proto(copy(g.model()))
+    model = loading.from_proto(copy(g.model()))
     records = PassManager(Sequential([create_pass("fuse-layernorm"), create_pass("dce")])).run(PassContext(model=model))
     assert records[0].changed and records[0].stats["fused"] == 1
-    out = ir.to_proto(model)
+    out = export.to_proto(model)
     onnx.checker.check_model(out)
     assert op_types(out) == ["LayerNormalization"]
     assert_same(g.model(), out)
@@ -433,3 +433,52 @@ def test_bert_tiny_layer_norms_fused_at_O2():
     assert not {"ReduceMean", "Pow", "Sqrt"} & set(ops)
     onnx.checker.check_model(optimized, full_check=True)
     assert verify.verify(copy(original), optimized).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# RMS normalization and the affine part after a normalization
+
+
+def rms(g: G, x="x", *, reciprocal=False, eps=1e-6, out="y"):
+    """LLaMA/T5 as torch exports it: x * rsqrt(mean(x^2) + eps) * weight (rsqrt: Reciprocal(Sqrt))."""
+    var = g.reduce_mean(g.op("Pow", [x, g.const(2.0)]))
+    std = g.op("Sqrt", [g.op("Add", [var, g.const(eps)])])
+    n = g.op("Mul", [x, g.op("Reciprocal", [std])]) if reciprocal else g.op("Div", [x, std])
+    return g.op("Mul", [n, g.const(g.rng.normal(1.0, 0.1, [g.shape[-1]]))], output=out)
+
+
+@pytest.mark.parametrize("reciprocal", [False, True])
+def test_rms_norm_fuses_at_opset_23_with_its_weight(reciprocal):
+    g = G(opset=23)
+    g.output(rms(g, reciprocal=reciprocal))
+    optimized = fuse(g.model())
+    assert op_types(optimized) == ["RMSNormalization"]
+    weight = numpy_helper.to_array(next(i for i in optimized.graph.initializer if i.name == optimized.graph.node[0].input[1]))
+    assert not np.allclose(weight, 1.0)  # the Mul by weight went into the scale
+    assert_same(g.model(), optimized)
+
+
+def test_rms_norm_before_opset_23_is_left_alone():
+    g = G(opset=18)
+    g.output(rms(g))
+    assert op_types(fuse(g.model())) == op_types(g.model())
+
+
+def test_scale_and_shift_after_an_exported_layer_normalization_are_absorbed():
+    """An exporter's own LayerNormalization followed by * s + c (a folded affine layer)."""
+    g = G()
+    h = g.shape[-1]
+    ln = g.op("LayerNormalization", ["x", g.const(g.rng.normal(1, 0.1, [h])), g.const(g.rng.normal(0, 0.1, [h]))], axis=-1)
+    y = g.op("Add", [g.op("Mul", [ln, g.const(g.rng.normal(1, 0.1, [h]))]), g.const(g.rng.normal(0, 0.1, [1, 1, h]))], output="y")
+    g.output(y)
+    optimized = fuse(g.model())
+    assert op_types(optimized) == ["LayerNormalization"]
+    assert_same(g.model(), optimized)
+
+
+def test_a_scale_over_another_axis_or_a_used_mean_output_is_not_absorbed():
+    g = G()
+    h = g.shape[-1]
+    ln = g.op("LayerNormalization", ["x", g.const(np.ones(h))], axis=-1)
+    g.output(g.op("Mul", [ln, g.const(g.rng.normal(1, 0.1, [g.shape[1], 1]))], output="y"))
+    assert op_types(fuse(g.model())) == ["LayerNormalization", "Mul"]

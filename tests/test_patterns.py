@@ -7,7 +7,7 @@ import pytest
 from helpers import F, const, make_model, op_types, optimize_checked
 from onnx import helper
 
-from graphopt import ir
+from graphopt import export, loading
 from graphopt.pass_manager import PassContext, PassManager, _REGISTRY, _SOURCES
 from graphopt.patterns import Match, RewritePass, Rule
 
@@ -24,11 +24,11 @@ def _run(rules, model):
         description = "rules under test"
 
     Rules.rules = tuple(rules)
-    m = ir.from_proto(model)
+    m = loading.from_proto(model)
     ctx = PassContext(model=m)
     ctx.analysis("shapes")
     records = PassManager(Rules()).run(ctx)
-    return ir.to_proto(m), records[0].stats
+    return export.to_proto(m), records[0].stats
 
 
 def _mul_add(op, x, s, b):
@@ -99,8 +99,53 @@ def test_optional_inputs_and_alternatives():
     )
     _run([rule], model)
     assert seen == [["b", "w", "x"]]  # the Gemm form matched, with its optional C absent
-    with pytest.raises(TypeError, match="share their root op"):
-        Rule([add_bias, lambda op, x: op.Relu(x)], lambda op, m: None)
+
+
+def test_either_and_optional_ops_describe_several_forms_in_one_function():
+    """Forms with different roots (Div, or Mul by a Reciprocal), an optional op (a scale that may be
+    absent), and a value written two ways: every combination matches, the fullest form first."""
+
+    def normalized(op, x, s, gamma):
+        scaled = op.optional(op.Mul(op.either(op.Div(x, s), op.Mul(x, op.Reciprocal(s))), gamma))
+        return op.Identity(scaled)
+
+    rule = Rule(normalized, lambda op, m: op.Neg(m.x), name="normalized")
+    assert rule.root_ops == {"Identity"} and len(rule.roots) == 4
+    seen = []
+
+    def record(op, m):
+        seen.append((m.gamma is not None, sorted(label for label, _ in m.matched)))
+        return op.Neg(m.x)
+
+    forms = {
+        "div": [helper.make_node("Div", ["x", "s"], ["n"]), helper.make_node("Identity", ["n"], ["y"])],
+        "recip_scaled": [
+            helper.make_node("Reciprocal", ["s"], ["r"]), helper.make_node("Mul", ["r", "x"], ["n"]),
+            helper.make_node("Mul", ["g", "n"], ["t"]), helper.make_node("Identity", ["t"], ["y"]),
+        ],
+    }
+    for nodes in forms.values():
+        model = make_model(nodes, [vi("x", [3]), vi("s", [3]), vi("g", [3])], [vi("y", [3])])
+        out, stats = _run([Rule(normalized, record)], model)
+        assert stats == {"normalized": 1} and op_types(out) == ["Neg"]
+    assert seen == [(False, ["Div", "Identity"]), (True, ["Identity", "Mul", "Mul", "Reciprocal"])]
+
+    roots = Rule(lambda op, x: op.either(op.Relu(x), op.Sigmoid(x)), lambda op, m: op.Neg(m.x))
+    assert roots.root_ops == {"Relu", "Sigmoid"}
+
+
+def test_the_readers_of_a_rewrite_result_match_what_it_created():
+    """Relu(Neg(Neg(x))): the Relu matches Relu(Identity(x)) only once the inner rewrite made the
+    Identity; rules of one pass compose like that in one run."""
+
+    rules = [
+        Rule(lambda op, x: op.Relu(op.Identity(x)), lambda op, m: op.Sigmoid(m.x), name="relu_of_identity"),
+        Rule(lambda op, x: op.Neg(op.Neg(x)), lambda op, m: op.Identity(m.x), name="double_neg"),
+    ]
+    nodes = [helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]), helper.make_node("Relu", ["b"], ["y"])]
+    out, stats = _run(rules, make_model(nodes, [vi("x", [3])], [vi("y", [3])]))
+    assert stats == {"double_neg": 1, "relu_of_identity": 1}
+    assert op_types(out) == ["Sigmoid"]
 
 
 def test_what_a_rewrite_creates_is_matched_in_the_same_run():
