@@ -20,7 +20,10 @@ Where the models come from:
   exported by torch's dynamo exporter, one by its TorchScript exporter);
 * trained when first loaded, seeded, in about a second each: scikit-learn pipelines on the datasets
   bundled with scikit-learn, converted by skl2onnx, and small torch modules trained on
-  scikit-learn's digits, exported by ``torch.onnx.export(dynamo=False)`` and ``(dynamo=True)``.
+  scikit-learn's digits, exported by ``torch.onnx.export(dynamo=False)`` and ``(dynamo=True)``;
+* built from transformers' model classes with seeded random weights (no model hub is reachable;
+  the graph is the exporter's, as for a real checkpoint): small BERT and MiniLM-class encoders,
+  eager and SDPA attention, both torch exporters (transformers_export.py, ATTENTION_FORMS.md).
 
 Inputs are real where a package ships data (scikit-learn's datasets and sample photos, files from
 installed packages for magika) and synthetic but shaped like the real thing elsewhere (text drawn
@@ -581,3 +584,53 @@ def _torch_dynamo_vit():
         model = program.model_proto
     raw = np.round(x_test * 16.0).astype(np.float32)  # the same digits in raw 0-16 units: the other branch
     return model, [{"rows": np.ascontiguousarray(x_test)}, {"rows": np.ascontiguousarray(raw)}]
+
+
+# ---------------------------------------------------------------------------------------------
+# transformer encoders: transformers' BertModel with seeded random weights (no hub), exported by
+# torch.onnx exactly as for a real checkpoint; transformers_export.py builds them (any size), and
+# ATTENTION_FORMS.md spells out the attention subgraph of each.
+
+_TRANSFORMERS = {**_TORCH, "transformers": "transformers==4.57.6"}
+_TRANSFORMERS_DYNAMO = {**_TORCH_DYNAMO, "transformers": "transformers==4.57.6"}
+_SMALL_BERT = dict(layers=2, hidden=64, heads=4, intermediate=128)  # head dim 16
+_SMALL_MINILM = dict(layers=2, hidden=128, heads=4, intermediate=256)  # head dim 32, as MiniLM-L6's 384/12
+
+
+def _bert(exporter: str, attention: str, size: dict):
+    from .transformers_export import bert_encoder_proto, bert_feeds
+
+    return bert_encoder_proto(exporter, attention, **size), bert_feeds(batch=2, sequence=16, vocab=1000)
+
+
+@_entry(
+    "torch_legacy_bert",
+    "torch TorchScript (2.13)",
+    _TRANSFORMERS,
+    "transformers BertModel, eager attention, 2 layers x 4 heads of 16, random weights; opset 17, dynamic batch/sequence, "
+    "Shape/Gather/Concat reshapes, Div by sqrt(d) after QK^T, (1-mask)*finfo.min additive mask, Erf GELU",
+)
+def _torch_legacy_bert():
+    return _bert("legacy", "eager", _SMALL_BERT)
+
+
+@_entry(
+    "torch_sdpa_minilm",
+    "torch TorchScript (2.13)",
+    _TRANSFORMERS,
+    "MiniLM-class BertModel (head dim 32), SDPA attention, random weights; opset 17: q and k each scaled by "
+    "Sqrt(1/Sqrt(Shape(q)[-1])), Expand-ed [B,1,S,S] mask through Where(bool(1-mask), finfo.min, 1-mask)",
+)
+def _torch_sdpa_minilm():
+    return _bert("legacy", "sdpa", _SMALL_MINILM)
+
+
+@_entry(
+    "torch_dynamo_bert",
+    "torch dynamo (2.13)",
+    _TRANSFORMERS_DYNAMO,
+    "transformers BertModel, eager attention, 2 layers x 4 heads of 16, random weights; opset 20, symbolic batch/sequence, "
+    "one shared Reshape shape from Shape(start,end) slices, allowzero=1, Div by sqrt(d), Gelu op",
+)
+def _torch_dynamo_bert():
+    return _bert("dynamo", "eager", _SMALL_BERT)
