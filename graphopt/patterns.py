@@ -29,13 +29,15 @@ rewriter works on its own IR, which graphopt deliberately does not adopt: one gr
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import ir
@@ -126,6 +128,7 @@ class Match:
     matched: list[tuple[str, gs.Node]]
     root: gs.Node
     graph: gs.Graph
+    ctx: PassContext | None = None
 
     @property
     def nodes(self) -> dict[str, gs.Node]:
@@ -150,6 +153,10 @@ class Match:
         """The constant value bound to `name`, or None when it is computed at run time (or absent)."""
         tensor = self.values.get(name)
         return None if tensor is None else ir.constant_value(tensor)
+
+    def can_emit(self, op: str, domain: str = "") -> bool:
+        """Whether the target runs `op` at the model's opset, for checks that depend on it."""
+        return self.ctx.can_emit(op, domain)
 
     def is_constant(self, *names: str) -> bool:
         return all(self.values.get(n) is not None and ir.constant_value(self.values[n]) is not None for n in names)
@@ -245,6 +252,9 @@ class Rule:
         self.roots = [root for fn in functions for root in _trace(fn)]
         self.root_ops = frozenset(root.op for root in self.roots)
         self.params = list(dict.fromkeys(p for fn in functions for p in list(inspect.signature(fn).parameters)[1:]))
+        shadowed = [p for p in self.params if hasattr(Match, p) or p in Match.__dataclass_fields__]
+        if shadowed:
+            raise TypeError(f"pattern parameter(s) {shadowed} shadow Match attributes (m.{shadowed[0]}); rename them")
         self.rewrite = rewrite
         self.check = check
         self.name = name or functions[0].__name__
@@ -259,6 +269,7 @@ class Rule:
                 continue
             for m in _match_root(root, node, graph, scope):
                 m.values = {**dict.fromkeys(self.params), **m.values}
+                m.ctx = scope.ctx
                 if self.check is None or self.check(m):
                     return m
         return None
@@ -297,15 +308,39 @@ def _domain_ok(node: gs.Node, pattern: OpPattern) -> bool:
     return node.domain == pattern.domain
 
 
+@functools.cache
+def _attribute_default(op: str, domain: str, name: str):
+    """The default the op's (newest) schema gives an attribute a node omits, or None."""
+    try:
+        schema = onnx.defs.get_schema(op, domain=domain)
+    except Exception:  # noqa: BLE001 - an op without a schema (a custom domain) has no defaults
+        return None
+    attribute = schema.attributes.get(name)
+    if attribute is None or not attribute.default_value.type:
+        return None
+    value = onnx.helper.get_attribute_value(attribute.default_value)
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _attrs_ok(node: gs.Node, pattern: OpPattern) -> bool:
     for key, want in pattern.attrs.items():
-        have = node.attrs.get(key)
+        # An omitted attribute has its schema's default (HardSigmoid's alpha is 0.2 unless given).
+        have = node.attrs[key] if key in node.attrs else _attribute_default(node.op, node.domain or "", key)
         if callable(want):
             if not want(have):
                 return False
-        elif have != want and not (isinstance(have, (list, tuple)) and list(have) == list(want)):
+        elif not _same_attribute(have, want):
             return False
     return True
+
+
+def _same_attribute(have, want) -> bool:
+    # ONNX stores float attributes as float32: 0.2 in a pattern is the 0.2 a model holds.
+    if isinstance(want, float) and isinstance(have, (float, int)):
+        return np.float32(have) == np.float32(want)
+    if isinstance(have, (list, tuple)) and isinstance(want, (list, tuple)):
+        return len(have) == len(want) and all(_same_attribute(h, w) for h, w in zip(have, want))
+    return have == want
 
 
 @dataclass
@@ -314,13 +349,16 @@ class _Scope:
 
     nodes: set[int]
     outputs: set[int]
+    ctx: PassContext | None = None
+    # Nodes replaced by a rewrite of this run, removed when it ends.
+    gone: set[int] = field(default_factory=set)
 
 
 def _match_root(root: OpPattern, node: gs.Node, graph: gs.Graph, scope: _Scope) -> Iterator[Match]:
     if node.op != root.op or not _domain_ok(node, root) or not _attrs_ok(node, root):
         return
     for values, nodes in _match_op(root, node, {}, [(root, node)], scope):
-        if _self_contained(nodes, scope):
+        if _self_contained(nodes, scope) and not _binds_interior(values, nodes):
             yield Match(values, [(pattern.label, n) for pattern, n in nodes], node, graph)
 
 
@@ -330,9 +368,18 @@ def _self_contained(nodes: list[tuple[OpPattern, gs.Node]], scope: _Scope) -> bo
     matched = {id(n) for _, n in nodes}
     for _, node in nodes[1:]:
         for tensor in node.outputs:
-            if id(tensor) in scope.outputs or any(id(reader) not in matched for reader in tensor.outputs):
+            # Nodes an earlier rewrite replaced still read their inputs until the pass ends; they
+            # are no readers (so a rule can match what another rule just created, in one run).
+            if id(tensor) in scope.outputs or any(id(r) not in matched and id(r) not in scope.gone for r in tensor.outputs):
                 return False
     return True
+
+
+def _binds_interior(values: dict, nodes: list[tuple[OpPattern, gs.Node]]) -> bool:
+    """Whether a bound value is produced by a matched node: the rewrite would read a value whose
+    producer it removes (`Gemm(t, t)` with t = Transpose(a) binds B to the Transpose's output)."""
+    matched = {id(n) for _, n in nodes}
+    return any(v is not None and any(id(producer) in matched for producer in v.inputs) for v in values.values())
 
 
 def _match_op(pattern: OpPattern, node: gs.Node, values: dict, nodes: list, scope: _Scope) -> Iterator[tuple[dict, list]]:
@@ -406,10 +453,10 @@ class RewritePass(Pass):
         if self.needs_shapes:
             ctx.analysis("shapes")
         outputs = {id(t) for t in graph.outputs}
-        scope = _Scope({id(n) for n in graph.nodes}, outputs)
+        scope = _Scope({id(n) for n in graph.nodes}, outputs, ctx)
         counts: dict[str, int] = {}
         replaced: list[gs.Node] = []
-        gone: set[int] = set()
+        gone = scope.gone
         while worklist:
             node = worklist.popleft()
             if id(node) in gone:

@@ -17,21 +17,27 @@ OPT_LEVELS = (0, 1, 2, 3)
 
 # Every built-in pass of the default pipelines, in the order they run; each level runs those whose
 # opt_level it reaches, so -O1 (opt_level 1) only removes what is provably dead or does nothing,
-# -O2 also evaluates and merges, and -O3 adds target-specific rewrites on top (fusion, layout, ...
-# in later issues).
+# -O2 also evaluates, merges and fuses into standard ONNX ops (portable to any runtime), and -O3
+# adds the fused ops of the target's runtime (onnxruntime's com.microsoft kernels, where it has them).
 _LEVEL_PASSES: dict[int, list[str]] = {
     2: [
         "constant-to-initializer",
         "fold-shapes",
         "fold-constants",
         "fuse-layernorm",
+        "fuse-activations",
+        "fuse-activations-contrib",
         "fold-conv-bn",
         "fold-conv-affine",
+        "fold-pad-into-conv",
         "eliminate-noop",
         "merge-transpose",
         "merge-reshape",
         "merge-slice",
         "merge-concat",
+        "fold-scale-into-weights",
+        "fuse-gemm",
+        "fuse-attention",
         "cse",
         "dce",
     ],

@@ -236,3 +236,50 @@ def test_an_op_read_twice_inside_the_pattern_is_one_node():
     # Read once more outside the pattern, the shared op cannot go: no match.
     out, stats = _run([rule], _normalize_model(extra_read=True))
     assert stats == {} and "Div" in op_types(out)
+
+
+def test_an_omitted_attribute_matches_its_schema_default_and_checks_can_ask_the_target():
+    nodes = [helper.make_node("HardSigmoid", ["x"], ["y"])]  # alpha omitted: 0.2 by the schema
+    model = make_model(nodes, [vi("x", [3])], [vi("y", [3])])
+    asked = []
+
+    def check(m):
+        asked.append((m.can_emit("HardSwish"), m.can_emit("NoSuchOp", "com.microsoft")))
+        return True
+
+    rule = Rule(lambda op, x: op.HardSigmoid(x, alpha=0.2, beta=0.5), lambda op, m: op.Relu(m.x), check, name="hs")
+    out, stats = _run([rule], model)
+    assert stats == {"hs": 1} and asked == [(True, False)]
+    wrong = Rule(lambda op, x: op.HardSigmoid(x, alpha=1 / 6), lambda op, m: op.Relu(m.x), name="hs")
+    assert _run([wrong], model)[1] == {}
+
+
+def test_a_value_the_rewrite_would_lose_is_no_binding():
+    """Gemm(t, t), t = Transpose(a): matching Gemm(Transpose(a), b) would bind b to the output of
+    the Transpose the rewrite removes."""
+    nodes = [helper.make_node("Transpose", ["a"], ["t"], perm=[1, 0]), helper.make_node("Gemm", ["t", "t"], ["y"])]
+    model = make_model(nodes, [vi("a", [3, 3])], [vi("y", [3, 3])])
+    rule = Rule(lambda op, a, b: op.Gemm(op.Transpose(a), b), lambda op, m: op.Gemm(m.a, m.b, transA=1), name="t")
+    assert _run([rule], model)[1] == {}
+
+
+def test_what_a_rewrite_replaced_no_longer_counts_as_a_reader():
+    """Two rules on one node's two inputs: after the first replaced the node, the second matches the
+    new node although the replaced one (removed at the end) still reads the same input."""
+    nodes = [
+        helper.make_node("Transpose", ["a"], ["ta"], perm=[1, 0]),
+        helper.make_node("Transpose", ["b"], ["tb"], perm=[1, 0]),
+        helper.make_node("Gemm", ["ta", "tb"], ["y"]),
+    ]
+    model = make_model(nodes, [vi("a", [3, 3]), vi("b", [3, 3])], [vi("y", [3, 3])])
+    rules = [
+        Rule(lambda op, a, b: op.Gemm(op.Transpose(a), b, transA=0), lambda op, m: op.Gemm(m.a, m.b, transA=1), name="a"),
+        Rule(lambda op, a, b: op.Gemm(a, op.Transpose(b), transB=0), lambda op, m: op.Gemm(m.a, m.b, transA=m.node("Gemm").attrs.get("transA", 0), transB=1), name="b"),
+    ]
+    out, stats = _run(rules, model)
+    assert stats == {"a": 1, "b": 1} and op_types(out) == ["Gemm"]
+
+
+def test_a_parameter_may_not_shadow_a_match_helper():
+    with pytest.raises(TypeError, match="shadow"):
+        Rule(lambda op, value: op.Relu(value), lambda op, m: None)

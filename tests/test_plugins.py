@@ -319,7 +319,7 @@ def test_plugin_passes_go_before_the_trailing_cleanup(scratch_registry):
     register_pass(_pass("test-level-1", opt_level=1))
     assert level_passes(1)[-2:] == ["test-level-1", "dce"]
     assert level_passes(2)[-4:] == ["test-level-1", "test-level-2", "cse", "dce"]
-    assert level_passes(3) == level_passes(2)
+    assert [n for n in level_passes(3) if registered_passes()[n].opt_level < 3] == level_passes(2)
     assert describe_passes()["test-level-2"].level == "-O2"
 
 
