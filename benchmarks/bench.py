@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -373,20 +374,35 @@ def _in_process(src: Path, args: argparse.Namespace) -> dict:
     return {"seconds": None, "runs_s": [], "nodes": None, "error": error, "traceback": out[-8000:]}
 
 
-def _ort_session(path: Path, threads: int) -> ort.InferenceSession:
+def _ort_session(
+    path: Path,
+    threads: int,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    optimized_model_filepath: Path | None = None,
+) -> ort.InferenceSession:
     """Configured as graphopt.verify.latency_ms does it: CPU provider, ORT_ENABLE_ALL (what a deployment
-    runs with), `threads` intra-op threads, one inter-op thread."""
+    runs with) unless `level` says otherwise, `threads` intra-op threads, one inter-op thread.
+    `optimized_model_filepath`: where ORT writes the graph its optimizer made (SessionOptions')."""
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = level
+    if optimized_model_filepath is not None:
+        so.optimized_model_filepath = str(optimized_model_filepath)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _latency(variants: dict[str, Path], inputs: dict, args: argparse.Namespace) -> tuple[dict[str, dict], int]:
-    """Median latency of each variant, the variants interleaved run by run (rotating which goes first),
-    so that a change in machine speed during the measurement hits all of them alike.
+def _latency(
+    variants: dict[str, Any], inputs: dict, args: argparse.Namespace, shuffle: random.Random | None = None
+) -> tuple[dict[str, dict], int]:
+    """Median latency of each variant, the variants interleaved run by run (rotating which goes first,
+    or in an order drawn from `shuffle` each run when given), so that a change in machine speed during
+    the measurement hits all of them alike.
+
+    A variant is a model path (run in `_ort_session(path, args.threads)`) or an object that runs like
+    an InferenceSession (`get_inputs()` with `.name`s, `run(None, feed)`): a session configured
+    otherwise, or another runtime behind that interface.
 
     `vs_original` is the median over iterations of original_i / variant_i (paired, like the ratio of
     two interleaved benchmarks), >1 = faster than the original. Runs: at least --runs, more for fast
@@ -397,7 +413,7 @@ def _latency(variants: dict[str, Path], inputs: dict, args: argparse.Namespace) 
     feeds: dict[str, dict] = {}
     for v, path in variants.items():
         try:
-            sess = _ort_session(path, args.threads)
+            sess = path if hasattr(path, "run") else _ort_session(path, args.threads)
             feed = {i.name: inputs[i.name] for i in sess.get_inputs() if i.name in inputs}
             for _ in range(max(1, args.warmup)):
                 sess.run(None, feed)
@@ -418,7 +434,10 @@ def _latency(variants: dict[str, Path], inputs: dict, args: argparse.Namespace) 
     samples: dict[str, list[float]] = {v: [] for v in names}
     for i in range(runs):
         k = i % len(names)
-        for v in names[k:] + names[:k]:
+        order = names[k:] + names[:k]
+        if shuffle is not None:
+            shuffle.shuffle(order)
+        for v in order:
             if lat[v]["error"]:
                 continue
             t0 = time.perf_counter()
