@@ -31,8 +31,25 @@ def infer_shapes(model: ir.Model, ctx=None) -> dict[str, tuple]:
                 if dtype is not None:
                     tensor.dtype = dtype
                 if shape is not None:
-                    tensor.shape = shape
+                    tensor.shape = _keep_known_dims(shape, tensor.shape)
     return types
+
+
+def _keep_known_dims(inferred: list, recorded) -> list:
+    """The inferred shape, except where it does not know a dim the tensor already had.
+
+    onnx names a dim it cannot tie to another `unk__N`; the exporter (dynamo writes the batch and
+    sequence symbols on every value) or an earlier, better-informed inference may know it. Losing
+    it matters beyond graphopt: onnxruntime's SkipLayerNormalization fusion, for one, requires the
+    two Add operands to have the same (symbolic) shape.
+    """
+    if recorded is None or len(recorded) != len(inferred):
+        return inferred
+    return [r if _unknown(d) and not _unknown(r) else d for d, r in zip(inferred, recorded)]
+
+
+def _unknown(dim) -> bool:
+    return dim is None or (isinstance(dim, str) and dim.startswith("unk__"))
 
 
 def _collect(graph: onnx.GraphProto, out: dict[str, tuple]) -> None:
