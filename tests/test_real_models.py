@@ -9,8 +9,11 @@ all. ``python -m tests.real_models.table`` prints the same figures as a table.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
+from graphopt import ir
 from real_models import harness, zoo
 from real_models.shape_arithmetic import shape_arithmetic_nodes
 
@@ -91,8 +94,10 @@ def test_cli_verifies_with_no_options(name, cli, tmp_path):
     assert "fidelity vs the original" in proc.stdout
 
 
+@functools.cache
 def _peer_outputs(name: str):
-    """onnxsim's and onnxslim's results on the model, those that still compute what it computes."""
+    """onnxsim's and onnxslim's results on the model, those that still compute what it computes
+    (computed once per process: two tests read them, neither changes them)."""
     real = zoo.load(name)
     entry = zoo.ENTRIES[name]
     results = {}
@@ -118,3 +123,15 @@ def test_leaves_no_more_shape_arithmetic_than_the_peers(name):
     ours = shape_arithmetic_nodes(outcome.optimized)
     for tool, model in peers.items():
         assert ours <= shape_arithmetic_nodes(model), f"{tool} leaves {shape_arithmetic_nodes(model)} shape nodes, graphopt {ours}"
+
+
+@pytest.mark.parametrize("name", zoo.names())
+def test_no_more_nodes_than_onnxslim(name):
+    """graphopt's -O3 leaves at most as many nodes as onnxslim (when onnxslim's model is correct)."""
+    outcome = _outcome(name, "x86_64")
+    peers = _peer_outputs(name)
+    if "onnxslim" not in peers:
+        pytest.skip("onnxslim gives no correct model")
+    theirs = sum(1 for _ in ir.all_nodes(peers["onnxslim"].graph))
+    ours = sum(1 for _ in ir.all_nodes(outcome.optimized.graph))
+    assert ours <= theirs, f"graphopt leaves {ours} nodes, onnxslim {theirs}"
