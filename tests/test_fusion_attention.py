@@ -258,3 +258,22 @@ def test_dynamo_sdpa_flattened_key_transpose_fuses():
     o2, _ = optimize(copy(model), opt_level=2)
     optimized, _ = optimize_checked(o2, passes=PASSES, inputs=inputs, rtol=1e-4, atol=1e-5)
     assert attention_count(optimized) == 2 and "Softmax" not in op_types(optimized)
+
+
+def test_generic_target_at_opset_23_writes_the_standard_attention():
+    optimized, _ = fused(layer(scale="div_after", mask="none", opset=23), inputs=feeds(mask=False), target="generic")
+    ops = op_types(optimized)
+    assert ops.count("Attention") == 1 and attention_count(optimized) == 0 and "Softmax" not in ops
+    node = next(n for n in optimized.graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert node.domain == "" and attrs["q_num_heads"] == attrs["kv_num_heads"] == N and "scale" not in attrs
+
+
+def test_standard_attention_needs_a_mask_onnxruntime_can_read():
+    """[B,1,1,S] broadcasts by the spec, but onnxruntime's Attention-23 kernel does not broadcast the
+    query axis: that layer stays decomposed on the generic target, and the contrib op is preferred
+    wherever the target runs it."""
+    optimized, _ = fused(layer(opset=23), inputs=feeds(), target="generic")
+    assert "Attention" not in op_types(optimized)
+    optimized, _ = fused(layer(opset=23), inputs=feeds(), target="x86_64")
+    assert attention_count(optimized) == 1

@@ -32,8 +32,9 @@ for B and S as onnxruntime's fusion trusts it, its N and H read from the inferre
 SDPA key, Reshape(Transpose(Reshape(kh, [-1,S,H]), [0,2,1]), [B,N,H,S]), is traced element by
 element to kh's own Shape; the scale factors are constant
 scalars (the product becomes the ``scale`` attribute when it is not 1/sqrt(H)); Softmax is over
-the last axis. The rule runs only where the target may emit com.microsoft Attention; elsewhere
-(the generic target) attention stays standard ONNX.
+the last axis. The first rule runs only where the target may emit com.microsoft Attention; elsewhere,
+where the model's opset (23 on) has the standard Attention, the second writes that, taking the
+additive mask as it is (no proof needed); otherwise attention stays decomposed.
 """
 
 from __future__ import annotations
@@ -360,10 +361,12 @@ def applies(m: Match) -> bool:
         return False
     if _scale(m) is None:
         return False
-    if m.mask is not None:
-        if _mask_source(m.mask) is None or not _mask_keeps_scores_shape(m):
-            return False
-    return True
+    return m.mask is None or _mask_keeps_scores_shape(m)
+
+
+def applies_with_mask_index(m: Match) -> bool:
+    """com.microsoft Attention takes the padding mask as mask_index: the mask must be proven one."""
+    return applies(m) and (m.mask is None or _mask_source(m.mask) is not None)
 
 
 def _mask_keeps_scores_shape(m: Match) -> bool:
@@ -393,10 +396,36 @@ def attention(op, m: Match):
     return op.Attention(m.x, weight, bias, mask_index, _domain=_MS, **attrs)
 
 
+def applies_as_standard(m: Match) -> bool:
+    """Opset 23's Attention broadcasts attn_mask to [B,N,S,S], but onnxruntime's kernel (1.32) does
+    not broadcast its query axis: the mask must already be [.., .., S, S] (SDPA exports expand it)."""
+    if not applies(m):
+        return False
+    mask = _dims(m.mask) if m.mask is not None else None
+    return m.mask is None or (mask is not None and len(mask) == 4 and mask[2] == m.shape("x")[1] and mask[2] is not None)
+
+
+def standard_attention(op, m: Match):
+    """Opset 23's Attention on the projected q, k, v [B,S,D] (3-D: heads as attributes); the
+    additive mask goes in as attn_mask unchanged (it broadcasts to [B,N,S,S] as the Add did)."""
+    num_heads, head_size = _head_split(m)
+    wk, bk, _ = _k_parts(m, m.x)
+    projected = [op.Add(op.MatMul(m.x, w), b) for w, b in ((m.wq, m.bq), (wk, bk), (m.wv, m.bv))]
+    attrs = {"q_num_heads": num_heads, "kv_num_heads": num_heads}
+    scale = _scale(m)
+    if abs(scale * math.sqrt(head_size) - 1.0) > 1e-6:
+        attrs["scale"] = float(scale)
+    return op.Attention(*projected, m.mask, **attrs)
+
+
 @register_pass
 class FuseAttention(RewritePass):
     name = "fuse-attention"
     description = "Replace decomposed multi-head self-attention (BERT-style) by onnxruntime's com.microsoft Attention"
     opt_level = 3
     needs_shapes = True
-    rules = (Rule(self_attention, attention, applies, name="attention", emits=[("Attention", _MS)]),)
+    rules = (
+        Rule(self_attention, attention, applies_with_mask_index, name="attention", emits=[("Attention", _MS)]),
+        # Where the target runs no contrib op (generic) but the model's opset has Attention (23).
+        Rule(self_attention, standard_attention, applies_as_standard, name="standard_attention", emits=["Attention"]),
+    )
