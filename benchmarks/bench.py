@@ -34,6 +34,7 @@ model was timed; --wait-quiet and --retry-busy wait for, and re-take, such timin
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -782,27 +783,21 @@ def _write_json(path: Path, env: dict, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    # Killed with SIGTERM, still remove the temporary folder (its models can be hundreds of MiB).
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    env = _environment(args)
-    log.print(
-        f"graphopt bench: {', '.join(args.model_list)} | -O{args.opt_level} | optimizer repeat {args.repeat} | "
-        f"latency >= {args.runs} runs, {args.threads} threads | onnxruntime {ort.__version__}, "
-        f"onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']} | {env['cpu_count']} CPUs"
-    )
+def run_each_model(bench_model, args: argparse.Namespace, env: dict, *, prefix: str) -> list[dict]:
+    """`bench_model(name, work_dir, args)` for each of args.model_list, in a scratch folder each
+    (kept under --keep DIR), a failure recorded instead of ending the run, the JSON rewritten
+    after every model so an interrupted run keeps what it measured."""
     records: list[dict] = []
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-    tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="graphopt-bench-")
+    tmp = None if args.keep else tempfile.TemporaryDirectory(prefix=prefix)
     base = args.keep if args.keep else Path(tmp.name)
     try:
         for name in args.model_list:
             work = base / name
             work.mkdir(exist_ok=True)
             try:
-                records.append(_bench_model(name, work, args))
+                records.append(bench_model(name, work, args))
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001 - one broken model must not lose the others
@@ -813,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if not args.keep:
                     shutil.rmtree(work, ignore_errors=True)
+                # Models of hundreds of MiB: free one before the next is built.
+                gc.collect()
             if args.json:
                 _write_json(args.json, env, records)
     finally:
@@ -821,6 +818,20 @@ def main(argv: list[str] | None = None) -> int:
     env["graphopt_source_at_end"] = _source_fingerprint()
     if args.json:
         _write_json(args.json, env, records)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    # Killed with SIGTERM, still remove the temporary folder (its models can be hundreds of MiB).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    env = _environment(args)
+    log.print(
+        f"graphopt bench: {', '.join(args.model_list)} | -O{args.opt_level} | optimizer repeat {args.repeat} | "
+        f"latency >= {args.runs} runs, {args.threads} threads | onnxruntime {ort.__version__}, "
+        f"onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']} | {env['cpu_count']} CPUs"
+    )
+    records = run_each_model(_bench_model, args, env, prefix="graphopt-bench-")
     seen = {env["graphopt_source"], env["graphopt_source_at_end"]} | {r["graphopt_source"] for r in records if "graphopt_source" in r}
     out_console.print(_structure_table(records, args))
     out_console.print(_latency_table(records, args))

@@ -49,10 +49,8 @@ import importlib.util
 import logging
 import math
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -83,10 +81,10 @@ from benchmarks.bench import (  # noqa: E402
     _run_process,
     _source_fingerprint,
     _version,
-    _write_json,
     first_error_line,
     log,
     out_console,
+    run_each_model,
 )
 from graphopt import export, verify  # noqa: E402
 from graphopt import models as zoo_models  # noqa: E402
@@ -432,6 +430,10 @@ def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
         elif base.get("ms") and r.get("ms"):
             entry["median_ratio"] = r["ms"] / base["ms"]
             entry["min_ratio"] = r["min_ms"] / base["min_ms"]
+            # Paired: the median over rounds of variant_i / original_i, both timed in round i, so
+            # a slow spell of the machine hits both sides of each ratio alike.
+            if r.get("vs_original"):
+                entry["paired_ratio"] = 1.0 / r["vs_original"]
     rec["total_s"] = time.perf_counter() - t0
     return rec
 
@@ -451,9 +453,9 @@ def _err_cell(entry: dict, width: int = 28) -> str | None:
 def _latency_table(records: list[dict], args: argparse.Namespace, variants: list[str]) -> Table:
     t = Table(
         title=f"latency ratio against (a) (onnxruntime {ort.__version__} CPU, ORT_ENABLE_ALL), {args.threads} threads, "
-        "same run: median ratio (min ratio)",
+        "same run: paired median ratio (min ratio)",
         title_justify="left",
-        caption=f"median(variant)/median(a) and min(variant)/min(a) over {args.rounds} rounds, the variants in a shuffled "
+        caption=f"median over rounds of variant_i/(a)_i (both timed in round i) and min(variant)/min(a) over {args.rounds} rounds, the variants in a shuffled "
         "order each round; <1 = faster than (a). (c) is graphopt's file with ORT's optimizer off; (f) OpenVINO f32 "
         f"(INFERENCE_PRECISION_HINT=f32). others' CPU >= {BUSY:.0%}: timings suspect. [red]![/red] = outputs differ "
         "from (a) beyond rtol 1e-3/atol 1e-4 (see the structure table).",
@@ -480,7 +482,7 @@ def _latency_table(records: list[dict], args: argparse.Namespace, variants: list
                 r = e.get("latency", {})
                 cells.append(f"{_ms(r['ms'])} ({_ms(r['min_ms'])})" if r.get("ms") else "-")
             elif "median_ratio" in e:
-                cells.append(f"{e['median_ratio']:.2f} ({e['min_ratio']:.2f}){flag}")
+                cells.append(f"{e.get('paired_ratio', e['median_ratio']):.2f} ({e['min_ratio']:.2f}){flag}")
             else:
                 cells.append("-")
         t.add_row(rec["model"], *cells, _pct(rec.get("others_cpu")))
@@ -628,36 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         f"onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']} | {env['cpu_count']} CPUs",
         highlight=False,
     )
-    records: list[dict] = []
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-    tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="graphopt-fusion-")
-    base = args.keep if args.keep else Path(tmp.name)
-    try:
-        for name in args.model_list:
-            work = base / name
-            work.mkdir(exist_ok=True)
-            try:
-                records.append(_bench_model(name, work, args))
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one broken model must not lose the others
-                tb = traceback.format_exc()
-                log.print(f"[red]{name} failed:[/red]")
-                log.print(tb, markup=False)
-                records.append({"model": name, "error": first_error_line(tb) or repr(exc), "traceback": tb})
-            finally:
-                if not args.keep:
-                    shutil.rmtree(work, ignore_errors=True)
-                gc.collect()
-            if args.json:
-                _write_json(args.json, env, records)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    env["graphopt_source_at_end"] = _source_fingerprint()
-    if args.json:
-        _write_json(args.json, env, records)
+    records = run_each_model(_bench_model, args, env, prefix="graphopt-fusion-")
     out_console.print(_latency_table(records, args, variants))
     out_console.print(_counts_table(records))
     for rec in records:
