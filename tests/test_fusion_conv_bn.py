@@ -72,3 +72,46 @@ def test_zoo_resnet18_has_no_batchnorm_left():
     out, report = optimize_checked(models.load("resnet18"), opt_level=2, rtol=1e-4, atol=1e-4)
     assert "BatchNormalization" not in op_types(out)
     assert report.after.nodes == report.before.nodes - 20
+
+
+def _gemm_bn(*, trans_b=0, bias="vector", gemm_beta=1.0):
+    k, n = 5, 6
+    w = RNG.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    inputs = ["x", "w"] + ([] if bias is None else ["b"])
+    inits = [const("w", w)] + _bn_params(n)
+    if bias == "vector":
+        inits.append(const("b", RNG.standard_normal(n).astype(np.float32)))
+    elif bias == "matrix":
+        inits.append(const("b", RNG.standard_normal((3, n)).astype(np.float32)))
+    nodes = [
+        helper.make_node("Gemm", inputs, ["g"], transB=trans_b, beta=gemm_beta),
+        helper.make_node("BatchNormalization", ["g", "bn.gamma", "bn.beta", "bn.mean", "bn.var"], ["y"], epsilon=1e-3),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", F, [3, k])], [helper.make_tensor_value_info("y", F, [3, n])], inits)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias,gemm_beta", [(None, 1.0), ("vector", 1.0), ("vector", 0.5), ("matrix", 2.0)])
+def test_batchnorm_folds_into_gemm(trans_b, bias, gemm_beta):
+    optimized, report = optimize_checked(_gemm_bn(trans_b=trans_b, bias=bias, gemm_beta=gemm_beta), passes=["fold-conv-bn"])
+    assert op_types(optimized) == ["Gemm"]
+
+
+def test_torch_linear_batchnorm1d_folds():
+    """BatchNorm1d after a Linear, as torch's TorchScript exporter writes it: Gemm then BatchNormalization."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    import onnx
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6)).eval()
+    with torch.no_grad():
+        module[1].running_mean.uniform_(-1, 1)
+        module[1].running_var.uniform_(0.5, 2)
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (torch.randn(3, 5),), buffer, dynamo=False, opset_version=17, input_names=["x"])
+    model = onnx.load_from_string(buffer.getvalue())
+    assert "BatchNormalization" in op_types(model)
+    optimized, _ = optimize_checked(model)
+    assert "BatchNormalization" not in op_types(optimized) and op_types(optimized).count("Gemm") == 1

@@ -10,7 +10,7 @@ import pytest
 from helpers import copy, make_model, op_types
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import export, loading, models, verify
+from graphopt import export, loading, models, pipelines, verify
 from graphopt.optimize import optimize
 from graphopt.pass_manager import PassContext, PassManager, Sequential, create_pass
 
@@ -482,3 +482,66 @@ def test_a_scale_over_another_axis_or_a_used_mean_output_is_not_absorbed():
     ln = g.op("LayerNormalization", ["x", g.const(np.ones(h))], axis=-1)
     g.output(g.op("Mul", [ln, g.const(g.rng.normal(1, 0.1, [g.shape[1], 1]))], output="y"))
     assert op_types(fuse(g.model())) == ["LayerNormalization", "Mul"]
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse-skip-layernorm (-O3, onnxruntime's com.microsoft SkipLayerNormalization)
+
+
+def _residual_ln(g: G, *, bias=True, skip_shape=None):
+    h = g.shape[-1]
+    x = g.op("Add", ["x", g.const(g.rng.normal(0, 0.1, [h]))]) if bias else "x"
+    summed = g.op("Add", ["skip", x])
+    ln = g.op("LayerNormalization", [summed, g.const(g.rng.normal(1, 0.1, [h])), g.const(g.rng.normal(0, 0.1, [h]))], axis=-1, output="y")
+    g.output(ln)
+    inputs = [helper.make_tensor_value_info("x", g.dtype, g.shape), helper.make_tensor_value_info("skip", g.dtype, skip_shape or g.shape)]
+    return make_model(g.nodes, inputs, g.outputs, g.inits, opset=g.opset)
+
+
+def _skip_fused(model, target="x86_64"):
+    optimized, _ = optimize(copy(model), passes=["fuse-skip-layernorm", "dce"], target=target)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized
+
+
+def _run_two(model, seed=0):
+    rng = np.random.default_rng(seed)
+    feeds = {i.name: rng.standard_normal([d.dim_value or 2 for d in i.type.tensor_type.shape.dim]).astype(np.float32) for i in model.graph.input}
+    return verify.run(model, feeds)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_residual_add_and_bias_fuse_into_skip_layer_normalization(bias):
+    model = _residual_ln(G(), bias=bias)
+    optimized = _skip_fused(model)
+    assert op_types(optimized) == ["SkipLayerNormalization"] and optimized.graph.node[0].domain == "com.microsoft"
+    assert len(optimized.graph.node[0].input) == (5 if bias else 4)
+    for name, value in _run_two(model).items():
+        np.testing.assert_allclose(_run_two(optimized)[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_skip_layer_norm_needs_equal_shapes_and_an_onnxruntime_target():
+    assert "SkipLayerNormalization" not in op_types(_skip_fused(_residual_ln(G(), skip_shape=[1, 5, 16])))
+    assert "SkipLayerNormalization" not in op_types(_skip_fused(_residual_ln(G()), target="generic"))
+
+
+def test_every_residual_layer_norm_of_a_torch_bert_fuses_once_its_dims_are_bound():
+    """With batch and sequence bound every residual Add's operands provably have one shape (with
+    them symbolic, the position embeddings' Slice hides the sequence dim from onnx's inference)."""
+    real_models = pytest.importorskip("real_models.zoo")
+    try:
+        real = real_models.load("torch_legacy_bert")
+    except real_models.ModelUnavailable as missing:
+        pytest.skip(str(missing))
+    from graphopt import api
+
+    feeds = real.feeds if isinstance(real.feeds, dict) else real.feeds[0]
+    batch, sequence = feeds["input_ids"].shape
+    o3 = [n for n in pipelines.level_passes(3) if n not in ("cse", "dce")]
+    result = api.optimize(real.model, passes=o3 + ["fuse-skip-layernorm", "cse", "dce"], dims={"batch": batch, "sequence": sequence},
+                          inputs=feeds)
+    ops = op_types(result.model)
+    # two layers, two residual LayerNorms each; the embeddings' LayerNorm reads a sum whose last
+    # term (the position embeddings, [1, S, H]) broadcasts over the batch: no skip input of one shape
+    assert ops.count("SkipLayerNormalization") == 4 and ops.count("LayerNormalization") == 1
+    assert result.fidelity.ok, result.fidelity.to_dict()

@@ -201,3 +201,45 @@ class FuseLayerNorm(RewritePass):
         Rule(scaled, absorb_scale, name="scales_absorbed"),
         Rule(shifted, absorb_shift, name="biases_absorbed"),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The residual Add before a LayerNormalization: onnxruntime's SkipLayerNormalization
+
+
+def skip_layer_norm(op, x, skip, bias, scale, shift):
+    summed = op.Add(op.optional(op.Add(x, bias, _name="bias_add")), skip, _name="residual")
+    return op.LayerNormalization(summed, scale, op.optional(shift))
+
+
+def skip_applies(m: Match) -> bool:
+    """x and skip are [B, S, H] of one shape (symbols included), normalized over H; scale, shift
+    and bias are constants of shape [H]."""
+    shape, dtype = m.shape("x"), m.dtype("x")
+    if dtype not in _FLOAT_DTYPES - {np.dtype(np.float64)} or shape is None or len(shape) != 3 or m.shape("skip") != shape:
+        return False
+    hidden = shape[2]
+    if not isinstance(hidden, int) or int(m.node("LayerNormalization").attrs.get("axis", -1)) not in (-1, 2):
+        return False
+    vectors = [m.value(p) for p in ("scale", "shift", "bias") if m.values.get(p) is not None]
+    if m.is_constant("x") or any(v is None or v.shape != (hidden,) or v.dtype != dtype for v in vectors):
+        return False
+    return m.value("scale") is not None
+
+
+def skip_layer_normalization(op, m: Match):
+    epsilon = float(m.node("LayerNormalization").attrs.get("epsilon", 1e-5))
+    return op.SkipLayerNormalization(m.x, m.skip, m.scale, m.shift, m.bias, _domain="com.microsoft", epsilon=epsilon)
+
+
+@register_pass
+class FuseSkipLayerNorm(RewritePass):
+    name = "fuse-skip-layernorm"
+    description = "Replace a residual Add (and bias Add) before LayerNormalization by onnxruntime's com.microsoft SkipLayerNormalization"
+    # Opt-in: on the x86_64 CPUs measured (onnxruntime 1.32, 1 and 2 threads) a MiniLM-class
+    # encoder with every residual LayerNorm fused ran 8-10% slower than with the Adds left to
+    # onnxruntime; whether it pays on a target is the cost model's question, not a capability's.
+    opt_level = None
+    needs_shapes = True
+    rules = (Rule(skip_layer_norm, skip_layer_normalization, skip_applies, name="fused",
+                  emits=[("SkipLayerNormalization", "com.microsoft")]),)
