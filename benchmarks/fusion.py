@@ -587,7 +587,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", help=f"comma-separated (default: {','.join(MODELS)}; also {','.join(EXTRA_MODELS)})")
     p.add_argument("--rounds", type=int, help="timed rounds, every variant once a round (default 30; --quick 5)")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads of onnxruntime and OpenVINO (default 2)")
+    # 1 by default: on these 2-vCPU machines two intra-op threads share the cores with the timing
+    # loop, and medians then ran up to 2x the minimum; with one thread they stay within a few %.
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of onnxruntime and OpenVINO (default 1)")
     p.add_argument("--quick", action="store_true", help="5 rounds and only the first two models (unless --models)")
     p.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO variants")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs of each variant before timing (default 3)")
