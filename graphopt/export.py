@@ -109,12 +109,19 @@ class Exported:
         yield from self.defaults
 
 
-def _names_unknown_dims(tensor: gs.Variable) -> bool:
-    """Whether the tensor's shape has a dim that onnx's inference could only name (`unk__N`) or
-    not know at all. Such a record says less than onnxruntime infers itself and costs speed: each
-    unk__ name is a dim of its own to onnxruntime, which then cannot see that two tensors have one
-    shape (a MiniLM-class encoder ran 13% slower with them recorded than without)."""
-    return tensor.shape is not None and any(d is None or (isinstance(d, str) and d.startswith("unk__")) for d in tensor.shape)
+def _value_info(tensor: gs.Variable) -> onnx.ValueInfoProto:
+    """The tensor's record; its type alone when its shape has a dim that onnx's inference could
+    only name (`unk__N`) or not know at all. Such a shape says less than onnxruntime infers itself
+    and costs speed: each unk__ name is a dim of its own to onnxruntime, which then cannot see that
+    two tensors have one shape (a MiniLM-class encoder ran 13% slower with them recorded)."""
+    if tensor.shape is not None and tensor.dtype is not None and any(
+        d is None or (isinstance(d, str) and d.startswith("unk__")) for d in tensor.shape
+    ):
+        try:
+            return onnx.helper.make_tensor_value_info(tensor.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype)), None)
+        except (TypeError, KeyError, ValueError):
+            pass  # a dtype gs keeps that numpy does not name: its own exporter knows what to write
+    return OnnxExporter.export_value_info_proto(tensor, do_type_check=False)
 
 
 def export(model: Model) -> Exported:
@@ -130,10 +137,9 @@ def export(model: Model) -> Exported:
     ]
     boundary = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
     value_info = [
-        OnnxExporter.export_value_info_proto(t, do_type_check=False)
+        _value_info(t)
         for t in tensors.values()
         if isinstance(t, gs.Variable) and t.name not in boundary and (t.dtype is not None or t.shape is not None)
-        and not _names_unknown_dims(t)
     ]
     inputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs]
     outputs = [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs]
