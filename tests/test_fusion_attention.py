@@ -30,7 +30,7 @@ D, N, H = 16, 2, 8
 
 
 def layer(*, scale="div_after", k_form="direct", bias_first=False, mask="legacy", scale_value=None,
-          intermediate_output=False, opset=17, seed=0):
+          intermediate_output=False, opset=17, seed=0, nan_guard=None):
     rng = np.random.default_rng(seed)
     nodes, inits, counter = [], [], [0]
 
@@ -48,7 +48,10 @@ def layer(*, scale="div_after", k_form="direct", bias_first=False, mask="legacy"
         nodes.append(helper.make_node(op_type, inputs, [out], name=name(op_type), **attrs))
         return out
 
-    split = const([0, -1, N, H], np.int64)
+    # The GatherND mask is what a dynamo export of transformers 5 becomes once batch and sequence
+    # are bound (2 x 6 here): shapes static, Reshape targets with -1 for the heads.
+    static = mask == "gathernd"
+    split = const([2, 6, -1, H] if static else [0, -1, N, H], np.int64)
 
     def project():
         mm = op("MatMul", ["x", const(rng.standard_normal((D, D)) * 0.3)])
@@ -73,7 +76,12 @@ def layer(*, scale="div_after", k_form="direct", bias_first=False, mask="legacy"
             scores = op("Mul", [const(scale_value if scale_value is not None else 1 / np.sqrt(H)), scores])
     if mask != "none":
         unsqueezed = op("Unsqueeze", ["attention_mask", const([1, 2], np.int64)])
-        if mask == "sdpa":
+        if mask == "gathernd":
+            indices = np.stack(np.meshgrid(np.arange(2), np.arange(6), indexing="ij"), axis=-1).reshape(2, 1, 1, 6, 2)
+            kept = op("GatherND", [op("Cast", ["attention_mask"], to=TensorProto.BOOL), const(indices, np.int64)])
+            kept = op("And", [const(np.ones((1, 1, 6, 1), bool), np.bool_), kept])
+            additive = op("Where", [kept, const(0.0), const(FINFO_MIN)])
+        elif mask == "sdpa":
             shape = op("Concat", [op("Shape", ["attention_mask"], start=0, end=1), const([1], np.int64),
                                   op("Shape", ["attention_mask"], start=1, end=2), op("Shape", ["attention_mask"], start=1, end=2)],
                        axis=0)
@@ -86,15 +94,20 @@ def layer(*, scale="div_after", k_form="direct", bias_first=False, mask="legacy"
             additive = op("Mul", [inv, const(big)])
         scores = op("Add", [scores, additive])
     probs = op("Softmax", [scores], axis=-1)
+    if nan_guard is not None:  # transformers 5: Where(IsNaN(p), 0, p)
+        probs = op("Where", [op("IsNaN", [probs]), const(nan_guard), probs])
     context = op("Transpose", [op("MatMul", [probs, vh])], perm=[0, 2, 1, 3])
-    merged = op("Reshape", [context, const([0, 0, D], np.int64)])
+    merged = op("Reshape", [context, const([2, 6, -1] if static else [0, 0, D], np.int64)])
     out = op("MatMul", [merged, const(rng.standard_normal((D, D)) * 0.3)])
     outputs = [helper.make_tensor_value_info(out, F, ["batch", "sequence", D])]
     if intermediate_output:
         outputs.append(helper.make_tensor_value_info(probs, F, ["batch", N, "sequence", "sequence"]))
-    inputs = [helper.make_tensor_value_info("x", F, ["batch", "sequence", D])]
+    batch, sequence = (2, 6) if static else ("batch", "sequence")
+    if static:
+        outputs = [helper.make_tensor_value_info(out, F, [2, 6, D])]
+    inputs = [helper.make_tensor_value_info("x", F, [batch, sequence, D])]
     if mask != "none":
-        inputs.append(helper.make_tensor_value_info("attention_mask", I64, ["batch", "sequence"]))
+        inputs.append(helper.make_tensor_value_info("attention_mask", I64, [batch, sequence]))
     return make_model(nodes, inputs, outputs, inits, opset=opset)
 
 
@@ -277,3 +290,17 @@ def test_standard_attention_needs_a_mask_onnxruntime_can_read():
     assert "Attention" not in op_types(optimized)
     optimized, _ = fused(layer(opset=23), inputs=feeds(), target="x86_64")
     assert attention_count(optimized) == 1
+
+
+@pytest.mark.parametrize("nan_guard", [None, 0.0])
+def test_transformers_5_dynamo_mask_with_bound_dims_fuses(nan_guard):
+    """all-MiniLM-L6 as torch 2.11's dynamo exporter writes transformers 5's SDPA, dims bound:
+    Where(And(all-true, GatherND(Bool(mask), (b, s) indices)), 0, finfo.min), Reshape targets
+    [B, S, -1, H], and the softmax's NaN guard Where(IsNaN(p), 0, p)."""
+    optimized, _ = fused(layer(scale="mul_before", mask="gathernd", nan_guard=nan_guard), inputs=feeds())
+    assert attention_count(optimized) == 1 and "Softmax" not in op_types(optimized)
+
+
+def test_a_nan_guard_that_fills_something_else_stays_unfused():
+    optimized, _ = fused(layer(scale="mul_before", mask="gathernd", nan_guard=1.0), inputs=feeds())
+    assert attention_count(optimized) == 0

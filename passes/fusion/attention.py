@@ -60,7 +60,7 @@ def _heads(op, t, shape, reshape: str, perm):
 
 
 def self_attention(op, x, wq, bq, wk, bk, wv, bv, shape_q, shape_k, shape_v, shape_o,
-                   scale_q, scale_k, scale_div, scale_mul, mask, kh, k_flat, k_unflat):
+                   scale_q, scale_k, scale_div, scale_mul, mask, kh, k_flat, k_unflat, nan_fill):
     q = op.Add(op.MatMul(x, wq, _name="q_matmul"), bq, _name="q_add")
     k = op.Add(op.MatMul(x, wk, _name="k_matmul"), bk, _name="k_add")
     v = op.Add(op.MatMul(x, wv, _name="v_matmul"), bv, _name="v_add")
@@ -79,6 +79,9 @@ def self_attention(op, x, wq, bq, wk, bk, wv, bv, shape_q, shape_k, shape_v, sha
     scores = op.either(op.Div(scores, scale_div, _name="scale"), op.Mul(scores, scale_mul, _name="scale"), scores)
     masked = op.optional(op.Add(scores, mask, _name="mask_add"))
     probs = op.Softmax(masked, _name="softmax")
+    # Newer transformers' SDPA exports zero the rows a -inf mask would turn into NaN: with a finite
+    # mask constant (checked) no NaN arises from masking, and the guard passes the probabilities on.
+    probs = op.either(probs, op.Where(op.IsNaN(probs), nan_fill, probs, _name="nan_guard"))
     context = op.Transpose(op.MatMul(probs, vh, _name="pv"), perm=[0, 2, 1, 3], _name="merge_transpose")
     return op.Reshape(context, shape_o, _name="merge_reshape")
 
@@ -94,7 +97,8 @@ def _dims(tensor: gs.Tensor) -> tuple | None:
 def _reshape_to(node: gs.Node, x_dims: tuple, tail: tuple[int, ...]) -> bool:
     """`node` is a Reshape of a [B,S,...] tensor (x's B and S) to [B,S,*tail].
 
-    A constant target must prove it: [0 or B, -1 or 0 or S, *tail] (0 only without allowzero). A
+    A constant target must prove it: [0 or B, -1 or 0 or S, *tail] (0 only without allowzero; one
+    -1 in the tail instead of S's is fine). A
     target computed at run time (dynamo's one Concat(B, -1, N, H) for every layer) is taken to be
     B and S as the exporter wrote them, when inference gives the output [.., .., *tail]; as in
     onnxruntime's own fusion, those two dims are not traced back to x (a different B or S there
@@ -107,7 +111,9 @@ def _reshape_to(node: gs.Node, x_dims: tuple, tail: tuple[int, ...]) -> bool:
     if target.ndim != 1 or len(target) != 2 + len(tail):
         return False
     target = [int(t) for t in target]
-    if tuple(target[2:]) != tail:
+    # One -1 may stand for a head or feature count (dynamo writes [B, S, -1, H]): B and S proven,
+    # it can only be what the tail needs.
+    if any(t != want and t != -1 for t, want in zip(target[2:], tail)) or target.count(-1) > 1:
         return False
     allowzero = int(node.attrs.get("allowzero", 0))
     b_ok = (target[0] == 0 and not allowzero) or (isinstance(x_dims[0], (int, np.integer)) and target[0] == x_dims[0])
@@ -154,6 +160,13 @@ def _mask_source(mask: gs.Tensor) -> tuple[gs.Tensor, float] | None:
                 if found is not None:
                     return found, big
         return None
+    if node.op == "Where" and len(node.inputs) == 3 and _scalar(node.inputs[1]) == 0.0:
+        # Where(keep, 0, big_negative), keep a boolean view of attention_mask (transformers 4.5x dynamo)
+        big = _scalar(node.inputs[2])
+        if big is None or big > _BIG_NEGATIVE:
+            return None
+        found = _kept_positions(node.inputs[0])
+        return None if found is None else (found, big)
     if node.op == "Where" and len(node.inputs) == 3:
         cond, neg, inv = node.inputs
         big = _scalar(neg)
@@ -173,6 +186,40 @@ def _mask_source(mask: gs.Tensor) -> tuple[gs.Tensor, float] | None:
         found = _inverted(inv)
         return None if found is None else (found, big)
     return None
+
+
+def _kept_positions(cond: gs.Tensor) -> gs.Tensor | None:
+    """The [B,S] attention_mask graph input when `cond` is Bool(attention_mask)[:, None, None, :]
+    as a dynamo export with bound dims writes it: GatherND(Cast(mask, bool), indices) with constant
+    indices [B,1,1,S,2] holding (b, s), possibly And-ed with an all-true constant (the bidirectional
+    mask's other half, folded)."""
+    node = ir.producer(cond)
+    if node is not None and node.op == "And" and node.domain in ir.DEFAULT_DOMAINS and len(node.inputs) == 2:
+        for const, other in (node.inputs, node.inputs[::-1]):
+            value = ir.constant_value(const)
+            if value is not None and value.dtype == np.bool_ and value.all() and value.ndim <= 4:
+                node = ir.producer(other)
+                break
+        else:
+            return None
+    if node is None or node.op != "GatherND" or node.domain not in ir.DEFAULT_DOMAINS or int(node.attrs.get("batch_dims", 0)):
+        return None
+    indices = ir.constant_value(node.inputs[1])
+    cast = ir.producer(node.inputs[0])
+    if indices is None or cast is None or cast.op != "Cast" or cast.attrs.get("to") != onnx.TensorProto.BOOL:
+        return None
+    source = cast.inputs[0]
+    shape = ir.static_shape(source)
+    if shape is None or len(shape) != 2 or not any(t is source for t in _graph_inputs(source)):
+        return None
+    batch, sequence = shape
+    expected = np.stack(np.meshgrid(np.arange(batch), np.arange(sequence), indexing="ij"), axis=-1).reshape(batch, 1, 1, sequence, 2)
+    return source if indices.shape == expected.shape and np.array_equal(indices, expected) else None
+
+
+def _graph_inputs(tensor: gs.Tensor) -> list[gs.Tensor]:
+    # A graph input has no producer; the pass runs on the main graph's tensors, so that is enough.
+    return [tensor] if ir.producer(tensor) is None and not isinstance(tensor, gs.Constant) else []
 
 
 _INT_OR_BOOL = {onnx.TensorProto.BOOL, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
@@ -360,6 +407,8 @@ def applies(m: Match) -> bool:
     if not (axis in (-1, 3) or (axis is None and m.graph.opset is not None and m.graph.opset >= 13)):
         return False
     if _scale(m) is None:
+        return False
+    if m.nan_fill is not None and (m.scalar("nan_fill") != 0.0 or m.mask is None or _mask_source(m.mask) is None):
         return False
     return m.mask is None or _mask_keeps_scores_shape(m)
 
