@@ -832,17 +832,23 @@ def main(argv: list[str] | None = None) -> int:
         f"onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']} | {env['cpu_count']} CPUs"
     )
     records = run_each_model(_bench_model, args, env, prefix="graphopt-bench-")
-    seen = {env["graphopt_source"], env["graphopt_source_at_end"]} | {r["graphopt_source"] for r in records if "graphopt_source" in r}
     out_console.print(_structure_table(records, args))
     out_console.print(_latency_table(records, args))
+    print_provenance(env, records, args, f"onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']}, torch {env['torch'] or 'not installed'}")
+    return 0
+
+
+def print_provenance(env: dict, records: list[dict], args: argparse.Namespace, tools: str) -> None:
+    """The closing lines of a benchmark: the machine and versions (`tools` names the peers), a
+    warning when graphopt's source changed during the run, and where the JSON went."""
     out_console.print(
-        f"{env['cpu']}, {env['cpu_count']} CPUs; onnx {env['onnx']}, onnxruntime {env['onnxruntime']}, "
-        f"onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']}, torch {env['torch'] or 'not installed'}, "
+        f"{env['cpu']}, {env['cpu_count']} CPUs; onnx {env['onnx']}, onnxruntime {env['onnxruntime']}, {tools}, "
         f"graphopt {env['graphopt']} (source {env['graphopt_source']}"
         + (f", git {env['git_commit'][:10]}{' + uncommitted changes' if env['git_dirty'] else ''}" if env["git_commit"] else ", not a git checkout")
         + ")",
         highlight=False,
     )
+    seen = {env["graphopt_source"], env["graphopt_source_at_end"]} | {r["graphopt_source"] for r in records if "graphopt_source" in r}
     if len(seen) > 1:
         out_console.print(
             "[yellow]warning:[/yellow] graphopt's source changed while this ran (fingerprints "
@@ -851,7 +857,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         out_console.print(f"figures written to {args.json}", highlight=False)
-    return 0
 
 
 if __name__ == "__main__":

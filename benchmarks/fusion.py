@@ -89,6 +89,7 @@ from benchmarks.bench import (  # noqa: E402
     first_error_line,
     log,
     out_console,
+    print_provenance,
     run_each_model,
 )
 from graphopt import export, verify  # noqa: E402
@@ -661,23 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             out_console.print(f"skipped {rec['model']}: {_escape(rec['skipped'])}", highlight=False)
         elif rec.get("error"):
             out_console.print(f"[red]{rec['model']} failed:[/red] {_escape(rec['error'])} (traceback on stderr and in the JSON)", highlight=False)
-    out_console.print(
-        f"{env['cpu']}, {env['cpu_count']} CPUs; onnx {env['onnx']}, onnxruntime {env['onnxruntime']}, openvino "
-        f"{env['openvino']}, onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']}, torch {env['torch']}, transformers "
-        f"{env['transformers']}, graphopt {env['graphopt']} (source {env['graphopt_source']}"
-        + (f", git {env['git_commit'][:10]}{' + uncommitted changes' if env['git_dirty'] else ''}" if env["git_commit"] else "")
-        + ")",
-        highlight=False,
-    )
-    seen = {env["graphopt_source"], env["graphopt_source_at_end"]} | {r["graphopt_source"] for r in records if "graphopt_source" in r}
-    if len(seen) > 1:
-        out_console.print(
-            "[yellow]warning:[/yellow] graphopt's source changed while this ran (fingerprints "
-            f"{', '.join(sorted(seen))}); the models were not all optimized by the same code",
-            highlight=False,
-        )
-    if args.json:
-        out_console.print(f"figures written to {args.json}", highlight=False)
+    print_provenance(env, records, args, f"openvino {env['openvino']}, onnxsim {env['onnxsim']}, onnxslim {env['onnxslim']}, "
+                     f"torch {env['torch']}, transformers {env['transformers']}")
     return 0
 
 
