@@ -36,6 +36,10 @@ NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 )
 
+# The IEEE float types ONNX computes in (fused kernels take these; bfloat16 and the float8 types
+# are stored, quantized or cast formats to them).
+FLOAT_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+
 
 @dataclass
 class Model:

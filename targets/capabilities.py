@@ -18,8 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-# The default (ai.onnx) domain under each of its spellings; ir.DEFAULT_DOMAINS is the same set.
-DEFAULT_DOMAINS = ("", "ai.onnx", None)
+from graphopt.ir import DEFAULT_DOMAINS
 
 # The provider graphopt verifies every result on (graphopt.verify, graphopt.evaluate): an op it has
 # no kernel for would make verification fail, whichever runtime the target names.

@@ -32,7 +32,6 @@ from graphopt import ir
 from graphopt.pass_manager import register_pass
 from graphopt.patterns import Match, RewritePass, Rule
 
-_FLOAT_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 
 
 def decomposed(op, x, axes, square_axes, two, eps):
@@ -64,7 +63,7 @@ def _normalized_axes(m: Match) -> int | None:
     """k when x is a float tensor with a static normalized shape and the reductions are all over
     exactly its last k axes."""
     rank = m.rank("x")
-    if m.dtype("x") not in _FLOAT_DTYPES or rank is None:
+    if m.dtype("x") not in ir.FLOAT_DTYPES or rank is None:
         return None
     reductions = [(label, axes) for label, axes in (("mean", "axes"), ("variance", "square_axes")) if label in m.nodes]
     ks = {_reduced_last_k(m.node(label), m.values[axes], rank) for label, axes in reductions}
@@ -216,7 +215,7 @@ def skip_applies(m: Match) -> bool:
     """x and skip are [B, S, H] of one shape (symbols included), normalized over H; scale, shift
     and bias are constants of shape [H]."""
     shape, dtype = m.shape("x"), m.dtype("x")
-    if dtype not in _FLOAT_DTYPES - {np.dtype(np.float64)} or shape is None or len(shape) != 3 or m.shape("skip") != shape:
+    if dtype not in ir.FLOAT_DTYPES - {np.dtype(np.float64)} or shape is None or len(shape) != 3 or m.shape("skip") != shape:
         return False
     hidden = shape[2]
     if not isinstance(hidden, int) or int(m.node("LayerNormalization").attrs.get("axis", -1)) not in (-1, 2):

@@ -49,15 +49,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt import ir
 from graphopt.pass_manager import PassResult, register_pass
 from graphopt.patterns import Match, RewritePass, Rule
 
-_FLOAT_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 
 
 def _float_constant(m: Match, name: str) -> np.ndarray | None:
     value = m.value(name)
-    return value if value is not None and value.dtype in _FLOAT_DTYPES else None
+    return value if value is not None and value.dtype in ir.FLOAT_DTYPES else None
 
 
 def _output_shape(node) -> tuple | None:
