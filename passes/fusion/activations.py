@@ -89,12 +89,13 @@ def hard_sigmoid_form(op, x, three, zero, six, by):
     return op.either(op.Div(clip, by, _name="scale"), op.Mul(clip, by, _name="scale"))
 
 
-def _attr_near(exact: float, default: float):
-    return lambda v: _near(default if v is None else v, exact, np.float32)
+def _attr_near(exact: float):
+    # An omitted attribute arrives as its schema default (HardSigmoid's alpha 0.2, beta 0.5).
+    return lambda v: v is not None and _near(v, exact, np.float32)
 
 
 def hard_swish_form(op, x, three, zero, six, by):
-    hard_sigmoid = op.HardSigmoid(x, alpha=_attr_near(1.0 / 6.0, 0.2), beta=_attr_near(0.5, 0.5))
+    hard_sigmoid = op.HardSigmoid(x, alpha=_attr_near(1.0 / 6.0), beta=_attr_near(0.5))
     # x * (Clip(x + 3, 0, 6) / 6) becomes x * HardSigmoid(x) first (hard_sigmoid), then matches here.
     product = op.Mul(x, _clip_0_6(op, x, three, zero, six))
     return op.either(op.Mul(x, hard_sigmoid), op.Div(product, by, _name="scale"), op.Mul(product, by, _name="scale"))
