@@ -64,6 +64,7 @@ def optimize(
     model: str | os.PathLike | onnx.ModelProto,
     *,
     target: str = "x86_64",
+    target_file: str | os.PathLike | None = None,
     opt_level: int = 2,
     passes: Sequence[str] | None = None,
     disable: Sequence[str] | None = None,
@@ -84,8 +85,11 @@ def optimize(
     as --dim and --input-shape do. With
     `verify`, the result is compared with the original in onnxruntime on `inputs` (a dict or an
     .npz path) or on generated ones, and VerificationError is raised if an output moved beyond
-    rtol/atol.
+    rtol/atol. `target` is a family or family:variant ("x86_64:avx512"); `target_file` (a TOML
+    file in the schema of targets/data/*.toml, as --target-file) adds families or variants first.
     """
+    if target_file is not None:
+        _targets.load_file(target_file)
     load_plugins(plugins)
     if isinstance(model, onnx.ModelProto):
         # optimize_model consumes the proto it is given; the caller's stays the reference.

@@ -138,9 +138,23 @@ def _verification_inputs(reference, proto, inputs_path, feedback):
     return inputs, outputs, record
 
 
+_target_file_option = click.option(
+    "--target-file", "target_files", multiple=True, type=click.Path(dir_okay=False),
+    help="A TOML file defining a target family or variants (schema: targets/data/*.toml); repeatable.",
+)
+
+
+def _load_target_files(paths) -> None:
+    from graphopt import targets
+
+    for path in paths:
+        targets.load_file(path)
+
+
 @cli.command()
 @click.argument("model")
-@click.option("--target", "-t", default="x86_64", show_default=True, help="Target to optimize for (see `graphopt targets`).")
+@click.option("--target", "-t", default="x86_64", show_default=True, help="Target to optimize for: FAMILY or FAMILY:VARIANT (see `graphopt targets`).")
+@_target_file_option
 @click.option("-O", "opt_level", type=click.IntRange(0, 3), default=2, show_default=True, help="Optimization level.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model path [default: <name>.opt.onnx].")
 @click.option("--passes", help="Comma-separated passes to run instead of the level's pipeline.")
@@ -159,7 +173,7 @@ def _verification_inputs(reference, proto, inputs_path, feedback):
 @_shape_options
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
-def run(model, target, opt_level, output, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
+def run(model, target, target_files, opt_level, output, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
     from graphopt import verify as verify_mod
@@ -167,6 +181,7 @@ def run(model, target, opt_level, output, passes, disable, report_path, verify, 
     from graphopt.optimize import check_opset, optimize_model
     from graphopt.plugins import load_plugins
 
+    _load_target_files(target_files)
     tgt = targets.get(target)  # fail fast on an unknown target, before any model work
     load_plugins(plugins)  # and on a broken plugin
     feedback = Feedback(err_console, quiet=quiet)
@@ -469,16 +484,76 @@ def list_passes(plugins):
     console.print(table)
 
 
-@cli.command("targets")
-def list_targets():
-    """List the targets graphopt optimizes for."""
+@cli.group("targets", invoke_without_command=True)
+@_target_file_option
+@click.pass_context
+def list_targets(ctx, target_files):
+    """List the target families graphopt optimizes for, with their variants (`targets show NAME[:VARIANT]`)."""
+    _load_target_files(target_files)
+    if ctx.invoked_subcommand is not None:
+        return
     from graphopt import targets
 
     table = Table(title="targets", title_justify="left")
-    for col in ("name", "runtime", "max opset", "description"):
+    for col in ("name", "runtime", "max opset", "variants", "description"):
         table.add_column(col)
-    for t in targets.available().values():
-        table.add_row(t.name, t.runtime, str(t.max_opset), t.description)
+    for name, family in targets.families().items():
+        t = targets.get(name)
+        variants = ", ".join(f"{v}*" if v == family.default_variant else v for v in family.variants) or "-"
+        table.add_row(t.name, t.runtime, str(t.max_opset), escape(variants), escape(t.description))
+    console.print(table)
+    console.print("* the default variant: --target FAMILY uses it; --target FAMILY:VARIANT picks another", highlight=False)
+
+
+def _number(value: float) -> str:
+    return f"{value:,.1f}".rstrip("0").rstrip(".")
+
+
+@list_targets.command("show")
+@click.argument("name")
+@_target_file_option
+def show_target(name, target_files):
+    """Show one target: runtime, providers, max opset and every hardware figure with its sources."""
+    from graphopt import targets
+
+    _load_target_files(target_files)
+    t = targets.get(name)
+    rows = [
+        ("target", t.full_name),
+        ("description", t.description),
+        ("runtime", t.runtime),
+        ("execution providers", ", ".join(t.execution_providers) or "-"),
+        ("max opset", str(t.max_opset)),
+        ("triple", t.triple or "-"),
+    ]
+    hw = t.hardware
+    if hw is not None:
+        rows += [
+            ("hardware", hw.description),
+            ("cores", f"{hw.cores}" + (" (SMs)" if t.name == "cuda" else "")),
+            ("vector width", f"{hw.vector_bits} bits"),
+            ("memory bandwidth", f"{_number(hw.memory_bandwidth_gbs)} GB/s"),
+        ]
+        for dtype, peak in hw.peak_gflops.items():
+            unit = "GOP/s" if "int" in dtype else "GFLOP/s"
+            rows.append((f"peak {dtype}", f"{_number(peak)} {unit}"))
+        for c in hw.caches:
+            rows.append((f"cache {c.level}", f"{_number(c.kib)} KiB {c.scope}"))
+        rows += [
+            ("int8 signedness", hw.int8_signedness),
+            ("layout", hw.layout),
+            ("llvm mcpu", hw.mcpu),
+            ("llvm mattr", hw.mattr or "-"),
+        ]
+        for i, src in enumerate(hw.sources, 1):
+            rows.append((f"source {i}", f"{src.title}: {src.url}"))
+    else:
+        rows.append(("hardware", "none (a family without variants)"))
+    table = Table(title=f"target {t.full_name}", title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    for field_name, value in rows:
+        table.add_row(field_name, escape(value))
     console.print(table)
 
 

@@ -1,18 +1,26 @@
-"""Targets: what graphopt optimizes for. One module per target describes its hardware.
+"""Targets: what graphopt optimizes for, described as data in targets/data/*.toml (one file per family).
 
-Issue 4 grows these into full hardware descriptions with a roofline cost model; today a target
-names its runtime, the newest opset that runtime executes, what it may be handed (`can_emit`,
-probed from the installed onnxruntime: see capabilities.py), and any passes it adds to the
-pipeline. Passes ask `can_emit` (through `PassContext.can_emit`) and never name a target.
+A target names its runtime, the newest opset that runtime executes, what it may be handed
+(`can_emit`, probed from the installed onnxruntime: see capabilities.py), and any passes it adds
+to the pipeline; passes ask `can_emit` (through `PassContext.can_emit`) and never name a target.
+A family (x86_64, arm64, cuda, generic) has variants, concrete chips whose figures
+(`Target.hardware`, targets/hardware.py) the cost model reads: `get("x86_64:avx512")`, or
+`get("x86_64")` for the family's default variant. More families or variants come from TOML files
+dropped into targets/data/ or loaded with `load_file` (`--target-file`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from graphopt.errors import GraphoptError
+from graphopt.targets.hardware import DATA_DIR, Family, Hardware, detect_host_variant, host_variant, parse_file, platform_is_x86_64
+
+__all__ = ["Target", "Hardware", "available", "families", "get", "load_file", "detect_host_variant", "onnxruntime_max_opset"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,14 @@ class Target:
     # host's build that the target's builds lack, or that serve only some attributes. op "*" is
     # the whole domain.
     never_emits: frozenset[tuple[str, str]] = frozenset()
+    # The variant of the family (None: a family without variants, such as generic) and its figures.
+    variant: str | None = None
+    hardware: Hardware | None = None
+
+    @property
+    def full_name(self) -> str:
+        """"family:variant" ("x86_64:avx512"), or the family name when it has no variant."""
+        return f"{self.name}:{self.variant}" if self.variant else self.name
 
     @property
     def max_opset(self) -> int:
@@ -87,21 +103,92 @@ class Target:
         return frozenset(self.declared_kernels.get(caps.normalize_domain(domain), ()))
 
 
-def _registry() -> dict[str, Target]:
-    from graphopt.targets import arm64, cuda, generic, x86_64
+# Files loaded with load_file (--target-file), in order, on top of targets/data/*.toml.
+_extra_files: list[Path] = []
 
-    return {t.name: t for t in (x86_64.TARGET, arm64.TARGET, cuda.TARGET, generic.TARGET)}
+
+@functools.cache
+def _families(extra: tuple[Path, ...]) -> dict[str, Family]:
+    found: dict[str, Family] = {}
+    for path in [*sorted(DATA_DIR.glob("*.toml")), *extra]:
+        family = parse_file(path, found)
+        found[family.name] = family
+    x86 = found.get("x86_64")
+    if x86 is not None and platform_is_x86_64() and {"avx2", "avx512", "avx512-vnni"} <= set(x86.variants):
+        x86.variants = {**x86.variants, "host": host_variant(x86.variants)}
+    if x86 is not None and x86.default_variant == "host" and "host" not in x86.variants:
+        x86.default_variant = "avx2"  # not an x86_64 machine: nothing to detect
+    return found
+
+
+def families() -> dict[str, Family]:
+    """Every target family by name (built in, dropped into targets/data/, or loaded with load_file)."""
+    return _families(tuple(_extra_files))
+
+
+def load_file(path: str | os.PathLike) -> list[str]:
+    """Add the family (or variants) a target TOML file defines, for every later `get`.
+
+    Raises GraphoptError naming the file and the bad field; returns the family names it defines.
+    Loading the same file twice is a no-op.
+    """
+    given, path = Path(path), Path(path).resolve()
+    if path in _extra_files:
+        return [name for name, family in families().items() if str(path) in family.files]
+    family = parse_file(given, families())  # checked before it joins the registry (errors name it as given)
+    _extra_files.append(path)
+    return [family.name]
+
+
+def _target(family: Family, variant: str | None) -> Target:
+    return _cached_target(tuple(_extra_files), family.name, variant)
+
+
+@functools.cache
+def _cached_target(extra: tuple[Path, ...], name: str, variant: str | None) -> Target:
+    family = _families(extra)[name]
+    hardware = family.variants[variant] if variant else None
+    return Target(
+        name=family.name,
+        description=family.description,
+        triple=family.triple,
+        runtime=family.runtime,
+        execution_providers=family.execution_providers,
+        peak_gflops_fp32=hardware.peak_gflops["fp32"] if hardware else 0.0,
+        memory_bandwidth_gbs=hardware.memory_bandwidth_gbs if hardware else 0.0,
+        extra_passes=family.extra_passes,
+        declared_kernels=family.declared_kernels,
+        never_emits=family.never_emits,
+        variant=variant,
+        hardware=hardware,
+    )
 
 
 def available() -> dict[str, Target]:
-    return _registry()
+    """Each family's default target, by family name."""
+    return {name: get(name) for name in families()}
 
 
 def get(name: str) -> Target:
-    targets = _registry()
-    if name not in targets:
-        raise GraphoptError(f"unknown target '{name}'; known targets: {', '.join(sorted(targets))}")
-    return targets[name]
+    """The target `family` (its default variant) or `family:variant`."""
+    fams = families()
+    family_name, _, variant = name.partition(":")
+    if family_name not in fams:
+        raise GraphoptError(f"unknown target '{family_name}'; known targets: {', '.join(sorted(fams))}")
+    family = fams[family_name]
+    if not variant:
+        if name.endswith(":"):
+            raise GraphoptError(f"target '{name}' names no variant; {_variants_text(family)}")
+        return _target(family, family.default_variant)
+    if variant not in family.variants:
+        raise GraphoptError(f"unknown variant '{variant}' of target {family_name}; {_variants_text(family)}")
+    return _target(family, variant)
+
+
+def _variants_text(family: Family) -> str:
+    if not family.variants:
+        return f"{family.name} has no variants"
+    return f"known variants of {family.name}: {', '.join(family.variants)}"
 
 
 @functools.cache

@@ -10,7 +10,7 @@ target. The answers come from two sources, both read from what is installed, not
   CUDA provider's kernels). One call, a few milliseconds; cached for the process.
 
 Only a provider the installed build lacks (CUDA in the CPU wheel) needs a hand-written list; see
-targets/cuda.py.
+targets/data/cuda.toml (family.declared_kernels).
 """
 
 from __future__ import annotations
