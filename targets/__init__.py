@@ -31,9 +31,6 @@ class Target:
     triple: str
     runtime: str = "onnxruntime"
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    # Peak figures for the cost model (issue 4 fills these in properly).
-    peak_gflops_fp32: float = 0.0
-    memory_bandwidth_gbs: float = 0.0
     # Pass names this target adds after the generic pipeline, per -O level.
     extra_passes: dict[int, tuple[str, ...]] = field(default_factory=dict)
     # Kernels outside the default domain (domain -> op types) of execution_providers[0], for when
@@ -154,8 +151,6 @@ def _cached_target(extra: tuple[Path, ...], name: str, variant: str | None) -> T
         triple=family.triple,
         runtime=family.runtime,
         execution_providers=family.execution_providers,
-        peak_gflops_fp32=hardware.peak_gflops["fp32"] if hardware else 0.0,
-        memory_bandwidth_gbs=hardware.memory_bandwidth_gbs if hardware else 0.0,
         extra_passes=family.extra_passes,
         declared_kernels=family.declared_kernels,
         never_emits=family.never_emits,
