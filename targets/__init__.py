@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
@@ -25,25 +25,44 @@ __all__ = ["Target", "Hardware", "available", "families", "get", "load_file", "d
 
 @dataclass(frozen=True)
 class Target:
-    name: str
-    description: str
-    # An LLVM-style triple for code generation backends (TVM).
-    triple: str
-    runtime: str = "onnxruntime"
-    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    # Pass names this target adds after the generic pipeline, per -O level.
-    extra_passes: dict[int, tuple[str, ...]] = field(default_factory=dict)
-    # Kernels outside the default domain (domain -> op types) of execution_providers[0], for when
-    # the installed onnxruntime cannot be asked (CUDA in the CPU wheel); a probe that reports the
-    # provider wins over this list.
-    declared_kernels: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    # (domain, op) pairs never emitted although the probe may report them: kernels of this
-    # host's build that the target's builds lack, or that serve only some attributes. op "*" is
-    # the whole domain.
-    never_emits: frozenset[tuple[str, str]] = frozenset()
+    """A family (runtime, providers, what it may emit: see Family) at one variant of hardware."""
+
+    family: Family
     # The variant of the family (None: a family without variants, such as generic) and its figures.
     variant: str | None = None
     hardware: Hardware | None = None
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def description(self) -> str:
+        return self.family.description
+
+    @property
+    def triple(self) -> str:
+        return self.family.triple
+
+    @property
+    def runtime(self) -> str:
+        return self.family.runtime
+
+    @property
+    def execution_providers(self) -> tuple[str, ...]:
+        return self.family.execution_providers
+
+    @property
+    def extra_passes(self) -> dict[int, tuple[str, ...]]:
+        return self.family.extra_passes
+
+    @property
+    def declared_kernels(self) -> Mapping[str, frozenset[str]]:
+        return self.family.declared_kernels
+
+    @property
+    def never_emits(self) -> frozenset[tuple[str, str]]:
+        return self.family.never_emits
 
     @property
     def full_name(self) -> str:
@@ -144,19 +163,7 @@ def _target(family: Family, variant: str | None) -> Target:
 @functools.cache
 def _cached_target(extra: tuple[Path, ...], name: str, variant: str | None) -> Target:
     family = _families(extra)[name]
-    hardware = family.variants[variant] if variant else None
-    return Target(
-        name=family.name,
-        description=family.description,
-        triple=family.triple,
-        runtime=family.runtime,
-        execution_providers=family.execution_providers,
-        extra_passes=family.extra_passes,
-        declared_kernels=family.declared_kernels,
-        never_emits=family.never_emits,
-        variant=variant,
-        hardware=hardware,
-    )
+    return Target(family, variant, family.variants[variant] if variant else None)
 
 
 def available() -> dict[str, Target]:

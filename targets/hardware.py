@@ -81,12 +81,20 @@ class Family:
 
     name: str
     description: str
+    # An LLVM-style triple for code generation backends (TVM).
     triple: str
     runtime: str = "onnxruntime"
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     default_variant: str | None = None
+    # (domain, op) pairs never emitted although the probe may report them: kernels of this
+    # host's build that the target's builds lack, or that serve only some attributes. op "*" is
+    # the whole domain.
     never_emits: frozenset[tuple[str, str]] = frozenset()
+    # Kernels outside the default domain (domain -> op types) of execution_providers[0], for when
+    # the installed onnxruntime cannot be asked (CUDA in the CPU wheel); a probe that reports the
+    # provider wins over this list.
     declared_kernels: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Pass names this target adds after the generic pipeline, per -O level.
     extra_passes: dict[int, tuple[str, ...]] = field(default_factory=dict)
     variants: dict[str, Hardware] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
@@ -106,18 +114,14 @@ class _Checker:
                 self.fail(name, "missing")
             return default
         value = table[key]
-        if kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                self.fail(name, f"must be a number, not {value!r}")
+        if kind in (float, int):
+            # A float field takes an integer too (TOML's 25 for 25.0); bool is an int to Python only.
+            accepted = (int, float) if kind is float else int
+            if isinstance(value, bool) or not isinstance(value, accepted):
+                self.fail(name, f"must be {'a number' if kind is float else 'an integer'}, not {value!r}")
             if not value > 0:
                 self.fail(name, f"must be positive, not {value!r}")
-            return float(value)
-        if kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                self.fail(name, f"must be an integer, not {value!r}")
-            if value <= 0:
-                self.fail(name, f"must be positive, not {value!r}")
-            return value
+            return kind(value)
         if kind is str:
             if not isinstance(value, str):
                 self.fail(name, f"must be a string, not {value!r}")
