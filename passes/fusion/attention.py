@@ -210,16 +210,16 @@ def _kept_positions(cond: gs.Tensor) -> gs.Tensor | None:
         return None
     source = cast.inputs[0]
     shape = ir.static_shape(source)
-    if shape is None or len(shape) != 2 or not any(t is source for t in _graph_inputs(source)):
+    if shape is None or len(shape) != 2 or not _is_input(source):
         return None
     batch, sequence = shape
     expected = np.stack(np.meshgrid(np.arange(batch), np.arange(sequence), indexing="ij"), axis=-1).reshape(batch, 1, 1, sequence, 2)
     return source if indices.shape == expected.shape and np.array_equal(indices, expected) else None
 
 
-def _graph_inputs(tensor: gs.Tensor) -> list[gs.Tensor]:
-    # A graph input has no producer; the pass runs on the main graph's tensors, so that is enough.
-    return [tensor] if ir.producer(tensor) is None and not isinstance(tensor, gs.Constant) else []
+def _is_input(tensor: gs.Tensor) -> bool:
+    """A value no node computes (a graph input): what attention_mask is to the model."""
+    return ir.producer(tensor) is None and not isinstance(tensor, gs.Constant)
 
 
 _INT_OR_BOOL = {onnx.TensorProto.BOOL, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
