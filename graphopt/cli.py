@@ -557,6 +557,61 @@ def show_target(name, target_files):
     console.print(table)
 
 
+@cli.command("calibrate-cost")
+@click.argument("models", nargs=-1)
+@click.option("--target", "-t", default="x86_64", show_default=True, help="The target this machine is: its host variant.")
+@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads while profiling (1 is the least noisy).")
+@click.option("--runs", type=int, default=20, show_default=True, help="Profiled runs per model (each node's median counts).")
+@click.option("-O", "opt_level", type=click.IntRange(0, 3), default=3, show_default=True, help="Calibrate on graphopt's output at this level (what the cost model will be asked about).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the calibration [default: graphopt's cache, where the target picks it up].")
+@_quiet_option
+def calibrate_cost(models, target, threads, runs, opt_level, output, quiet):
+    """Fit the cost model's efficiency factors to this machine: profile MODELS (default: the
+    calibration set; zoo:NAME or files) in onnxruntime and write the factors the target then uses."""
+    from graphopt import targets
+    from graphopt.feedback import Feedback
+    from graphopt.targets import calibrate, cost
+
+    tgt = targets.get(target)
+    if tgt.hardware is None or not tgt.variant or "host" not in targets.families()[tgt.name].variants:
+        raise GraphoptError(f"calibrate-cost measures this machine: the target must be a family with a host variant (x86_64 on an x86_64 machine), not {tgt.full_name}")
+    if tgt.variant != "host":
+        raise GraphoptError(f"calibrate-cost measures this machine, which is {tgt.name}:host, not {tgt.full_name}")
+    if threads < 1 or runs < 1:
+        raise GraphoptError("--threads and --runs must be at least 1")
+    out = Path(output) if output else cost.user_calibration_path(tgt.full_name)
+    if out.is_dir():
+        raise GraphoptError(f"cannot write {out}: it is a directory")
+    feedback = Feedback(err_console, quiet=quiet)
+    names = list(models) or list(calibrate.DEFAULT_MODELS)
+    with feedback.phase(f"calibrating {tgt.full_name} on {len(names)} models"):
+        result = calibrate.calibrate(names, tgt, threads=threads, runs=runs, opt_level=opt_level,
+                                     on_model=lambda name, step: feedback.update(f"{step} {name}"))
+    try:
+        calibrate.write(result.calibration, out, {"target": tgt.full_name, "fit": [
+            {"model": v.model, "nodes": v.nodes, "spearman": round(v.spearman, 4), "e2e_error": round(v.e2e_error, 4)}
+            for v in result.fits]})
+    except OSError as exc:
+        raise GraphoptError(f"cannot write {out}: {exc.strerror or exc}") from None
+    if quiet:
+        return
+    table = Table(title=f"cost factors for {tgt.full_name} ({result.samples} kernels)", title_justify="left")
+    for col in ("op class", "compute efficiency", "memory efficiency", "overhead"):
+        table.add_column(col, justify="left" if col == "op class" else "right")
+    for cls, f in result.calibration.factors.items():
+        table.add_row(cls, f"{f.compute_efficiency:.3f}", f"{f.memory_efficiency:.3f}", f"{f.overhead_us:.1f} us")
+    console.print(table)
+    if result.calibration.op_scale:
+        console.print("per-op corrections: " + ", ".join(f"{op} x{v:.2f}" for op, v in result.calibration.op_scale.items()), highlight=False)
+    fits = Table(title="fit on the calibration models (validate on others: benchmarks/cost_model.py)", title_justify="left")
+    for col in ("model", "kernels", "Spearman", "predicted", "measured", "error"):
+        fits.add_column(col, justify="left" if col == "model" else "right")
+    for v in result.fits:
+        fits.add_row(escape(v.model), str(v.nodes), f"{v.spearman:.3f}", f"{v.predicted_s * 1e3:.2f} ms", f"{v.measured_wall_s * 1e3:.2f} ms", f"{v.e2e_error * 100:+.0f}%")
+    console.print(fits)
+    console.print(f"wrote [bold]{escape(str(out))}[/bold]")
+
+
 @cli.group("zoo", invoke_without_command=True)
 @click.pass_context
 def zoo(ctx):

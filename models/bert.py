@@ -217,6 +217,17 @@ def bert_tiny() -> onnx.ModelProto:
     )
 
 
+# Not in the zoo: the BERT-shaped member of the cost model's calibration set (targets/calibrate.py),
+# kept apart from bert_base and bert_tiny so that validating on those uses models it never saw.
+BERT_SMALL = BertConfig(layers=4, hidden=256, heads=4, intermediate=1024, seq=64, vocab=5000, max_positions=128)
+
+
+def bert_small() -> onnx.ModelProto:
+    return _Bert(BERT_SMALL, "torch_jit_bert_small", seed=256).build(
+        "BERT-small encoder (4 layers, hidden 256, seq 64; random weights), legacy torch.onnx export shape"
+    )
+
+
 def example_inputs(cfg: BertConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """A feed for a BERT zoo model: random token ids and an all-ones attention mask."""
     rng = np.random.default_rng(seed)

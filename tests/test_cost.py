@@ -335,8 +335,22 @@ def test_op_without_rule_is_listed_as_uncounted():
 def test_op_without_rule_and_unknown_output_shape_is_unknown():
     x = gs.Variable("x", dtype=np.float32, shape=[2, 3])
     y = gs.Variable("y", dtype=np.float32, shape=None)
-    node = gs.Node("Gelu", inputs=[x], outputs=[y], domain="com.microsoft")
+    node = gs.Node("FancyOp", inputs=[x], outputs=[y], domain="com.example")
     assert node_cost(node) == NodeCost(flops=0, bytes_read=24, bytes_written=0, known=False)
+
+
+def test_com_microsoft_fused_kernels_count_as_the_ops_they_fuse():
+    a = gs.Variable("a", dtype=np.float32, shape=[4, 2, 3, 5])
+    b = gs.Variable("b", dtype=np.float32, shape=[4, 2, 7, 5])  # transposed by transB
+    y = gs.Variable("y", dtype=np.float32, shape=[4, 2, 3, 7])
+    fused = gs.Node("FusedMatMul", inputs=[a, b], outputs=[y], domain="com.microsoft", attrs={"transB": 1, "alpha": 0.5})
+    assert node_cost(fused).flops == 2 * 8 * 3 * 5 * 7
+    x = gs.Variable("x", dtype=np.float32, shape=[1, 3, 8, 8])
+    w = gs.Constant("w", np.zeros((6, 3, 3, 3), np.float32))
+    out = gs.Variable("out", dtype=np.float32, shape=[1, 6, 6, 6])
+    conv = gs.Node("Conv", inputs=[x, w], outputs=[out])
+    fused_conv = gs.Node("FusedConv", inputs=[x, w], outputs=[out], domain="com.microsoft", attrs={"activation": "Relu"})
+    assert node_cost(fused_conv) == node_cost(conv) and node_cost(conv).flops > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ Attention (ai.onnx, opset 23), MultiHeadAttention and Attention (com.microsoft)
     times V, and 5 * S_q * S_kv for the softmax; S_kv includes ai.onnx Attention's past_key. The
     com.microsoft Attention also projects its input: 2 * B * S * in * 3H, + B * S * 3H for the bias.
     Masks, scaling and the output projection (a separate MatMul) are not counted.
+com.microsoft fused kernels
+    FusedConv, FusedMatMul (with transA/transB) and FusedGemm count as Conv, MatMul and Gemm (the
+    fused activation is not counted); SkipLayerNormalization 6 per element, its Simplified (RMS)
+    form 5, SimplifiedLayerNormalization 4; Gelu, FastGelu, BiasGelu, QuickGelu, BiasAdd 1.
 Anything else, including every other op of a domain other than ai.onnx (com.microsoft, ai.onnx.ml, ...)
     0 flops; graph_cost lists it in "uncounted_ops" so a caller can tell "free" from "no rule".
 
@@ -282,6 +286,19 @@ def _matmul_rule(a_index: int, b_index: int) -> Rule:
         return 2 * math.prod(batch) * m * k * n
 
     return rule
+
+
+def _fused_matmul(node: gs.Node, shape: _Shapes) -> int:
+    # com.microsoft FusedMatMul: MatMul with transA/transB on the last two axes (and alpha).
+    a, b = shape(node.inputs[0]), shape(node.inputs[1])
+    if len(a) < 2 or len(b) < 2:
+        return _matmul_rule(0, 1)(node, shape)
+    if node.attrs.get("transA", 0):
+        a = a[:-2] + (a[-1], a[-2])
+    if node.attrs.get("transB", 0):
+        b = b[:-2] + (b[-1], b[-2])
+    batch = _broadcast([a[:-2], b[:-2]])
+    return 2 * math.prod(batch) * a[-2] * a[-1] * b[-1]
 
 
 def _gemm(node: gs.Node, shape: _Shapes) -> int:
@@ -521,6 +538,15 @@ _RULES: dict[str, Rule] = {
 _DOMAIN_RULES: dict[tuple[str, str], Rule] = {
     ("com.microsoft", "MultiHeadAttention"): _ms_multihead_attention,
     ("com.microsoft", "Attention"): _ms_attention,
+    # The fused kernels graphopt's fusion and onnxruntime's optimizer write: the same arithmetic
+    # as the standard ops they replace (the fused activation or scale is not counted, as in Gemm).
+    ("com.microsoft", "FusedConv"): _conv_rule(weight_index=1, bias_index=2),
+    ("com.microsoft", "FusedMatMul"): _fused_matmul,
+    ("com.microsoft", "FusedGemm"): _gemm,
+    ("com.microsoft", "SkipLayerNormalization"): _per_output_element(6),  # the skip (and bias) add, then LayerNormalization's 5
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): _per_output_element(5),
+    ("com.microsoft", "SimplifiedLayerNormalization"): _per_output_element(4),
+    **{("com.microsoft", op): _per_output_element(1) for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu", "BiasAdd")},
 }
 
 
@@ -607,7 +633,7 @@ def _accumulate(graph: gs.Graph, symbolic_dims: SymbolicDims, totals: _Totals) -
     # Tensors computed from constants alone: a runtime evaluates them once, when it loads the model.
     compile_time: set[int] = set()
     for node in graph.nodes:
-        if _computed_at_load(node, compile_time, symbolic_dims):
+        if computed_at_load(node, compile_time, symbolic_dims):
             compile_time.update(id(t) for t in node.outputs)
             totals.add_node(op_key(node), NodeCost(0, 0, 0, True))
             continue
@@ -634,7 +660,9 @@ def _accumulate(graph: gs.Graph, symbolic_dims: SymbolicDims, totals: _Totals) -
                 totals.merge(inner)
 
 
-def _computed_at_load(node: gs.Node, compile_time: set[int], symbolic_dims: SymbolicDims) -> bool:
+def computed_at_load(node: gs.Node, compile_time: set[int], symbolic_dims: SymbolicDims) -> bool:
+    """Whether a runtime computes this node once, at load: ai.onnx, deterministic, from constants
+    alone or from tensors in `compile_time` (ids of such nodes' outputs, which the caller adds)."""
     if not _is_default_domain(node) or node.op in NONDETERMINISTIC_OPS or subgraphs_of(node) or not node.outputs:
         return False
     if node.op in ("Shape", "Size") and node.inputs:
