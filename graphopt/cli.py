@@ -340,11 +340,32 @@ def _print_report(report, verbose: bool = False) -> None:
             did = f"[yellow]rolled back: {escape(record.rolled_back)}[/yellow]"
         passes.add_row(record.name, str(record.runs), f"{record.seconds * 1000:.1f} ms", f"{delta.get('nodes', 0):+d}", did)
     console.print(passes)
+    _print_cost_decisions(report)
     console.print(f"optimizer time: {report.seconds:.2f} s")
     for name, reason in report.rollbacks:
         err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)
     if report.fidelity is not None:
         _print_fidelity(report.fidelity, report.verification_inputs)
+
+
+def _print_cost_decisions(report) -> None:
+    """The rewrites the target's cost model was asked about, per pass and rule: kept or declined, why."""
+    from graphopt.optimize import final_decisions
+
+    groups: dict[tuple[str, str, bool], list] = {}
+    for record in report.passes:
+        for d in final_decisions(record.decisions):
+            groups.setdefault((record.name, d.rule, d.kept), []).append(d)
+    if not groups:
+        return
+    table = Table(title=f"cost model decisions on {report.target}", title_justify="left")
+    for col in ("pass", "rule", "", "sites", "predicted before", "after", "reason (first site)"):
+        table.add_column(col, justify="right" if col in ("sites", "predicted before", "after") else "left")
+    for (name, rule, kept), ds in groups.items():
+        before, after = sum(d.before_s for d in ds), sum(d.after_s for d in ds)
+        table.add_row(name, rule, "[green]kept[/green]" if kept else "[yellow]declined[/yellow]", str(len(ds)),
+                      f"{before * 1e3:.3f} ms", f"{after * 1e3:.3f} ms", escape(ds[0].reason))
+    console.print(table)
 
 
 def _print_lower_bound_note(stats) -> None:

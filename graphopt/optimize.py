@@ -59,6 +59,10 @@ class Report:
                     "stats": r.stats,
                     "delta": self.pass_deltas.get(r.name, {}),
                     "rolled_back": r.rolled_back,
+                    "cost_decisions": [
+                        {"rule": d.rule, "node": d.node, "kept": d.kept, "before_s": d.before_s, "after_s": d.after_s, "reason": d.reason}
+                        for d in final_decisions(r.decisions)
+                    ],
                 }
                 for r in self.passes
             ],
@@ -66,6 +70,14 @@ class Report:
             "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
             "verification_inputs": self.verification_inputs,
         }
+
+
+def final_decisions(decisions):
+    """A pass's cost decisions, the last one per (rule, node): a fixed-point group asks again each iteration."""
+    last = {}
+    for d in decisions:
+        last[(d.rule, d.node)] = d
+    return list(last.values())
 
 
 def versions() -> dict[str, str]:

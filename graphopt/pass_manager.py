@@ -10,6 +10,7 @@ the manager and its instruments, not to the pass. Analyses are registered and ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import time
 from collections.abc import Iterator, Sequence
@@ -26,16 +27,30 @@ from graphopt.errors import GraphoptError
 # Passes
 
 
+@dataclass(frozen=True)
+class CostDecision:
+    """A rewrite the cost model was asked about (PassContext.cost): kept or declined, and why."""
+
+    rule: str
+    node: str       # the matched root
+    kept: bool
+    before_s: float  # predicted time of what the rewrite replaces
+    after_s: float   # and of what it would put there
+    reason: str
+
+
 @dataclass
 class PassResult:
     changed: bool
     # Counters a pass wants reported, e.g. {"removed": 12}; summed over graphs and iterations.
     stats: dict[str, int] = field(default_factory=dict)
+    decisions: list[CostDecision] = field(default_factory=list)
 
     def merge(self, other: PassResult) -> None:
         self.changed |= other.changed
         for key, value in other.stats.items():
             self.stats[key] = self.stats.get(key, 0) + value
+        self.decisions.extend(other.decisions)
 
 
 class Pass:
@@ -233,6 +248,19 @@ class PassContext:
             target = targets.get("x86_64")
         return target.can_emit(op, domain, self.opset)
 
+    @functools.cached_property
+    def cost(self):
+        """The target's cost model (graphopt.targets.cost.CostModel), for passes that ask whether a
+        rewrite pays; None where the target has no hardware figures (generic) or options["cost"]
+        is False (every cost-checked rewrite then applies). A context built without a target asks
+        the default one, x86_64."""
+        if self.options.get("cost") is False:
+            return None
+        from graphopt import targets
+        from graphopt.targets import cost
+
+        return cost.for_target(self.target or targets.get("x86_64"), threads=self.options.get("threads"))
+
     def fresh_name(self, base: str) -> str:
         allocator = self.options.get("_names")
         if allocator is None:
@@ -265,6 +293,7 @@ class PassRecord:
     changed: bool = False
     stats: dict[str, int] = field(default_factory=dict)
     rolled_back: str | None = None
+    decisions: list[CostDecision] = field(default_factory=list)
 
 
 class PassManager:
@@ -338,6 +367,7 @@ class PassManager:
             for instrument in ctx.instruments:
                 instrument.on_rollback(pass_, ctx, reason)
             return False
+        record.decisions.extend(result.decisions)
         if result.changed:
             record.changed = True
             for key, value in result.stats.items():

@@ -41,7 +41,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import ir
-from graphopt.pass_manager import Pass, PassContext, PassResult
+from graphopt.pass_manager import CostDecision, Pass, PassContext, PassResult
 
 COMMUTATIVE_OPS = frozenset({"Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal"})
 
@@ -247,6 +247,7 @@ class Rule:
         *,
         name: str | None = None,
         emits: Sequence[str | tuple[str, str]] = (),
+        cost: bool = False,
     ):
         functions = [pattern] if callable(pattern) else list(pattern)
         self.roots = [root for fn in functions for root in _trace(fn)]
@@ -261,6 +262,9 @@ class Rule:
         # The ops the rewrite creates ("Op" or ("Op", "domain")): the rule runs only where the
         # target may emit them all at the model's opset (PassContext.can_emit).
         self.emits = [(e, "") if isinstance(e, str) else tuple(e) for e in emits]
+        # True: a match is rewritten only where the target's cost model predicts the rewrite is
+        # faster (PassContext.cost); each decision, kept or declined, is reported with its reason.
+        self.cost = cost
 
     def match(self, node: gs.Node, graph: gs.Graph, scope: _Scope) -> Match | None:
         """The first way `node` roots a match that passes the check."""
@@ -455,6 +459,7 @@ class RewritePass(Pass):
         outputs = {id(t) for t in graph.outputs}
         scope = _Scope({id(n) for n in graph.nodes}, outputs, ctx)
         counts: dict[str, int] = {}
+        decisions: list[CostDecision] = []
         replaced: list[gs.Node] = []
         gone = scope.gone
         while worklist:
@@ -477,6 +482,12 @@ class RewritePass(Pass):
                         fresh.dtype = old.dtype
                     if fresh.shape is None:
                         fresh.shape = old.shape
+                if rule.cost and ctx.cost is not None:
+                    verdict = ctx.cost.compare([n for _, n in m.matched], builder.created)
+                    decisions.append(CostDecision(rule.name, node.name, verdict.pays, verdict.before_s, verdict.after_s, verdict.reason))
+                    if not verdict.pays:
+                        ir.remove_nodes(graph, builder.created)
+                        continue
                 # The root's outputs the rewrite does not replace must be unused.
                 if any(t.outputs or id(t) in outputs for t in node.outputs[len(new):]) or not all(
                     ir.replace_all_uses(graph, old, fresh) for old, fresh in zip(node.outputs, new)
@@ -496,4 +507,4 @@ class RewritePass(Pass):
         ir.remove_nodes(graph, replaced)
         if counts:
             ir.toposort(graph)
-        return PassResult(bool(counts), counts)
+        return PassResult(bool(counts), counts, decisions)

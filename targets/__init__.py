@@ -57,6 +57,10 @@ class Target:
         return self.family.extra_passes
 
     @property
+    def runtime_fusions(self):
+        return self.family.runtime_fusions
+
+    @property
     def declared_kernels(self) -> Mapping[str, frozenset[str]]:
         return self.family.declared_kernels
 

@@ -359,11 +359,20 @@ class CostModel:
         old, old_known = self.seconds(before, symbolic_dims)
         new, new_known = self.seconds(after, symbolic_dims)
         where = f"{self.target.full_name}, {self.calibrated}"
+        fusion = self.runtime_fusion(before)
+        if fusion is not None:
+            # The runtime makes the same one kernel of these nodes by itself: nothing to gain.
+            return Verdict(False, new, new, f"{self.target.full_name}'s runtime fuses {'+'.join(fusion.ops)} itself: {fusion.by}")
         if not (old_known and new_known):
             return Verdict(True, old, new, f"shapes not known, kept ({where})")
         if new < old:
             return Verdict(True, old, new, f"predicted {_us(old)} -> {_us(new)} ({where})")
         return Verdict(False, old, new, f"predicted {_us(old)} -> {_us(new)}: no faster ({where})")
+
+    def runtime_fusion(self, nodes: Sequence[gs.Node]):
+        """The target's runtime fusion (targets/data/*.toml, runtime_fusions) these nodes are, if any."""
+        ops = sorted(n.op for n in nodes)
+        return next((f for f in self.target.runtime_fusions if sorted(f.ops) == ops), None)
 
     def estimate_graph(self, graph: gs.Graph, symbolic_dims: SymbolicDims = None) -> GraphEstimate:
         """Every node's estimate (subgraphs included: an If's costlier branch, one Loop/Scan iteration);

@@ -33,7 +33,7 @@ DTYPES = ("fp64", "fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4",
 REQUIRED_DTYPES = ("fp32",)
 
 FAMILY_FIELDS = ("name", "description", "triple", "runtime", "execution_providers", "default_variant",
-                 "never_emits", "declared_kernels", "extra_passes")
+                 "never_emits", "declared_kernels", "extra_passes", "runtime_fusions")
 VARIANT_FIELDS = ("description", "cores", "vector_bits", "memory_bandwidth_gbs", "int8_signedness", "layout",
                   "mcpu", "mattr", "caches", "sources", "peak_gflops")
 
@@ -75,6 +75,14 @@ class Hardware:
         return next((c for c in self.caches if c.level.lower() == level.lower()), None)
 
 
+@dataclass(frozen=True)
+class RuntimeFusion:
+    """A group of ops the target's runtime fuses into one kernel by itself, at session time."""
+
+    ops: tuple[str, ...]  # the op types of the group, in graph order ("Conv", "Add", "Relu")
+    by: str               # what does it, for reports ("onnxruntime's NCHWc layout pass (...)")
+
+
 @dataclass
 class Family:
     """A target family as read from its file(s): the Target fields and the variants."""
@@ -96,6 +104,8 @@ class Family:
     declared_kernels: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Pass names this target adds after the generic pipeline, per -O level.
     extra_passes: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # What the runtime fuses itself: the cost model prices such a group as the one kernel it becomes.
+    runtime_fusions: tuple[RuntimeFusion, ...] = ()
     variants: dict[str, Hardware] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
 
@@ -267,6 +277,16 @@ def parse_file(path: str | os.PathLike, known: Mapping[str, Family] | None = Non
         if not isinstance(names, list):
             check.fail(f"family.extra_passes.{level}", "must be a list of pass names")
         extra_passes[int(level)] = check.strings(names, f"family.extra_passes.{level}")
+    fusions = []
+    for i, entry in enumerate(check.get(fam, "runtime_fusions", "family", list, required=False, default=[])):
+        fw = f"family.runtime_fusions[{i}]"
+        if not isinstance(entry, dict):
+            check.fail(fw, "must be a table {ops, by}")
+        check.unknown(entry, ("ops", "by"), fw)
+        ops = check.strings(check.get(entry, "ops", fw, list), f"{fw}.ops")
+        if len(ops) < 2:
+            check.fail(f"{fw}.ops", "a fusion groups at least two ops")
+        fusions.append(RuntimeFusion(ops, check.get(entry, "by", fw, str)))
     if default is not None and default not in variants and not (default == "host" and name == "x86_64"):
         check.fail("family.default_variant", f"{default!r} is not a variant in this file (known: {', '.join(variants) or 'none'})")
     if default is None and variants:
@@ -281,6 +301,7 @@ def parse_file(path: str | os.PathLike, known: Mapping[str, Family] | None = Non
         never_emits=frozenset(never),
         declared_kernels=declared,
         extra_passes=extra_passes,
+        runtime_fusions=tuple(fusions),
         variants=variants,
         files=[str(path)],
     )
