@@ -33,6 +33,10 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.3g}P{unit}"
 
 
+def _seconds(s: float) -> str:
+    return f"{s * 1e6:.0f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
 def _bytes(n: int) -> str:
     for suffix in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
@@ -156,7 +160,9 @@ def _load_target_files(paths) -> None:
 @click.option("--target", "-t", default="x86_64", show_default=True, help="Target to optimize for: FAMILY or FAMILY:VARIANT (see `graphopt targets`).")
 @_target_file_option
 @click.option("-O", "opt_level", type=click.IntRange(0, 3), default=2, show_default=True, help="Optimization level.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model path [default: <name>.opt.onnx].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model path [default: <name>.opt.onnx, or .opt.ort].")
+@click.option("--format", "artifact_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
+              help="onnx, or ort: onnxruntime's own offline conversion of the result. Either way a <output>.session.json beside it holds the session options to deploy it with.")
 @click.option("--passes", help="Comma-separated passes to run instead of the level's pipeline.")
 @click.option("--disable", help="Comma-separated passes to leave out.")
 @click.option("--cleanup/--no-cleanup", default=True, show_default=True, help="End a --passes list with dce (unless it already ends with it).")
@@ -173,7 +179,7 @@ def _load_target_files(paths) -> None:
 @_shape_options
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
-def run(model, target, target_files, opt_level, output, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
+def run(model, target, target_files, opt_level, output, artifact_format, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
     from graphopt import verify as verify_mod
@@ -189,8 +195,15 @@ def run(model, target, target_files, opt_level, output, passes, disable, report_
     proto, path, specialization = _load(model, feedback, input_files, input_shapes, dims)
     check_opset(proto, tgt)  # before verification runs the original
     name = Path(path).name if path else model[4:] + ".onnx"
-    out = Path(output) if output else Path(Path(name).stem + ".opt.onnx")
+    from graphopt.targets.backends import onnxruntime as ort_backend
+
+    if artifact_format == "ort" and tgt.runtime != "onnxruntime":
+        raise GraphoptError(f"target {tgt.full_name} names no runtime, so it has no .ort artifact; use --format onnx")
+    out = Path(output) if output else Path(Path(name).stem + f".opt.{artifact_format}")
     written = {"output": out, "output's external data": out.with_name(out.name + ".data")}
+    session_json = ort_backend.session_options_path(out) if tgt.runtime == "onnxruntime" else None
+    if session_json is not None:
+        written["session options"] = session_json
     if report_path:
         written["report"] = Path(report_path)
     for role, candidate in written.items():
@@ -246,6 +259,10 @@ def run(model, target, target_files, opt_level, output, passes, disable, report_
     def check_fidelity(staged: Path) -> None:
         # Verification reads the staged file, so onnxruntime needs no serialized copy of the model,
         # and a failure abandons the write: nothing is left at the output path.
+        import onnx
+
+        # First what the target's execution provider runs: a model it cannot load is no artifact.
+        ort_backend.check_runs_on(onnx.load(str(staged), load_external_data=False), tgt)
         if not verify:
             return
         with feedback.phase("verifying against the original in onnxruntime"):
@@ -258,14 +275,39 @@ def run(model, target, target_files, opt_level, output, passes, disable, report_
 
     try:
         with feedback.phase(f"writing {out}"):
-            export.save(result, out, validate=check_fidelity)
+            if artifact_format == "ort":
+                _write_ort(result, out, tgt, check_fidelity, inputs if verify else None, report, rtol, atol)
+            else:
+                export.save(result, out, validate=check_fidelity)
+            if session_json is not None:
+                ort_backend.write_session_options(session_json, ort_backend.session_options(tgt, artifact_format))
     except VerificationError:
         _finish_report(report, report_path, quiet, verbose)
         raise
     report.output = str(out)
     _finish_report(report, report_path, quiet, verbose)
     if not quiet:
-        console.print(f"wrote [bold]{escape(str(out))}[/bold]")
+        console.print(f"wrote [bold]{escape(str(out))}[/bold]" + (f" and its session options {escape(str(session_json))}" if session_json else ""))
+
+
+def _write_ort(result, out: Path, tgt, check_fidelity, inputs, report, rtol: float, atol: float) -> None:
+    """The .ort artifact: the checked .onnx staged beside `out`, converted by onnxruntime, the
+    conversion verified against the .onnx's outputs, and only then renamed onto `out`."""
+    import tempfile
+
+    from graphopt import export
+    from graphopt import verify as verify_mod
+    from graphopt.targets.backends import onnxruntime as ort_backend
+
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".") as tmp:
+        staged_onnx, staged_ort = Path(tmp) / "model.onnx", Path(tmp) / "model.ort"
+        export.save(result, staged_onnx, validate=check_fidelity)
+        ort_backend.convert_to_ort(staged_onnx, staged_ort, tgt)
+        if inputs is not None:
+            # onnxruntime's conversion applies its own optimizations: its result must still compute the same.
+            converted = verify_mod.compare(verify_mod.run(str(staged_onnx), inputs), verify_mod.run(str(staged_ort), inputs), rtol=rtol, atol=atol)
+            verify_mod.require_within_tolerance(converted, rtol, atol, "; the .ort conversion moved the outputs, nothing written")
+        os.replace(staged_ort, out)
 
 
 def _finish_report(report, report_path, quiet: bool = False, verbose: bool = False) -> None:
@@ -324,7 +366,15 @@ def _print_report(report, verbose: bool = False) -> None:
     both_exact = a.flops_exact and b.flops_exact
     table.add_row("FLOPs", _flops(b.flops, b.flops_exact), _flops(a.flops, a.flops_exact), _change(b.flops, a.flops) if both_exact else "-")
     table.add_row("model size", _bytes(report.bytes_before), _bytes(report.bytes_after), _change(report.bytes_before, report.bytes_after))
+    p = report.predicted
+    if p is not None:
+        bound = "" if p["exact"] else " (lower bound)"
+        table.add_row(f"predicted time on {p['target']}", _seconds(p["before_s"]) + bound, _seconds(p["after_s"]) + bound,
+                      _change(p["before_s"], p["after_s"]))
     console.print(table)
+    if p is not None:
+        console.print(f"predicted by the cost model, {p['calibration']}, {p['threads']} thread{'s' if p['threads'] != 1 else ''} "
+                      f"(onnxruntime runs the graph as written; `graphopt inspect --target` shows where the time goes)", highlight=False)
     _print_lower_bound_note(a)
     for line in describe(report.specialization):
         console.print(f"specialized input {escape(line)}", highlight=False)
@@ -426,9 +476,15 @@ def _print_fidelity(fidelity, inputs: dict | None = None) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--target", "-t", help="Also predict the time on this target (FAMILY[:VARIANT]): per op class, bottlenecks, roofline.")
+@_target_file_option
+@click.option("--threads", type=int, help="Threads the prediction assumes on a CPU target [default: the variant's cores].")
+@click.option("--top", type=int, default=10, show_default=True, help="How many of the slowest nodes to list.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="With --target: write the roofline plot (PNG, SVG, PDF by extension).")
 @_shape_options
-def inspect(model, as_json, input_shapes, dims):
-    """Show MODEL's inputs, outputs, op histogram, parameters, FLOPs and bytes per op type."""
+def inspect(model, as_json, target, target_files, threads, top, plot_path, input_shapes, dims):
+    """Show MODEL's inputs, outputs, op histogram, parameters, FLOPs and bytes per op type
+    (with --target: the predicted time per op class and node, and the roofline)."""
     from graphopt import export, loading
     from graphopt.analysis.cost import graph_cost
     from graphopt.analysis.shapes import infer_shapes, resolve_shapes
@@ -436,6 +492,20 @@ def inspect(model, as_json, input_shapes, dims):
     from graphopt.feedback import Feedback
     from graphopt.specialize import describe
 
+    _load_target_files(target_files)
+    cost_model = None
+    if plot_path and not target:
+        raise GraphoptError("--plot needs --target: the roofline is the target's")
+    if target:
+        from graphopt import targets
+        from graphopt.targets.cost import for_target
+
+        tgt = targets.get(target)
+        cost_model = for_target(tgt, threads=threads)
+        if cost_model is None:
+            raise GraphoptError(f"target {tgt.full_name} has no hardware figures to predict time with; pick a family with variants (`graphopt targets`)")
+    if plot_path and not Path(plot_path).parent.is_dir():
+        raise GraphoptError(f"cannot write {plot_path}: folder {Path(plot_path).parent} does not exist")
     proto, _, specialization = _load(model, Feedback(err_console, quiet=as_json), None, input_shapes, dims)
     size = export.approx_nbytes(proto)
     m = loading.from_proto(proto)
@@ -458,6 +528,14 @@ def inspect(model, as_json, input_shapes, dims):
         "unknown_nodes": cost["unknown_nodes"],
         "ops": {op: {"count": v["count"], "flops": v["flops"], "bytes": v["bytes"]} for op, v in sorted(cost["by_op"].items(), key=lambda kv: -kv[1]["count"])},
     }
+    estimate = None
+    if cost_model is not None:
+        estimate = cost_model.estimate_graph(m.graph)
+        data["predicted"] = _prediction_dict(estimate, cost_model)
+        if plot_path:
+            from graphopt.targets import roofline
+
+            roofline.plot(estimate, cost_model, plot_path, f"{model} on {cost_model.target.full_name}")
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -478,6 +556,61 @@ def inspect(model, as_json, input_shapes, dims):
         ops.add_row(escape(op), str(v["count"]), _human(v["flops"]), _bytes(v["bytes"]))
     console.print(ops)
     _print_lower_bound_note(stats)
+    if estimate is not None:
+        _print_prediction(estimate, cost_model, top)
+        if plot_path:
+            console.print(f"wrote the roofline plot [bold]{escape(str(plot_path))}[/bold]")
+
+
+def _prediction_dict(estimate, cost_model) -> dict:
+    total = estimate.seconds
+    return {
+        "target": cost_model.target.full_name,
+        "calibration": cost_model.calibrated,
+        "threads": cost_model.threads,
+        "seconds": total,
+        "roofline_seconds": estimate.roofline_seconds,
+        "exact": estimate.known,
+        "by_class": estimate.by_class(),
+        "nodes": [n.to_dict() for n in estimate.nodes],
+    }
+
+
+def _print_prediction(estimate, cost_model, top: int) -> None:
+    total = estimate.seconds or 1e-12
+    roof = estimate.roofline_seconds
+    bound_time: dict[str, float] = {}
+    for n in estimate.nodes:
+        bound_time[n.bound] = bound_time.get(n.bound, 0.0) + n.seconds
+    console.print(
+        f"predicted on [bold]{cost_model.target.full_name}[/bold]: {_seconds(total)}"
+        f"{'' if estimate.known else ' (lower bound: some shapes are not known)'}, {total / roof if roof else float('inf'):.1f}x its roofline "
+        f"({_seconds(roof)}); time {', '.join(f'{k}-bound {v / total:.0%}' for k, v in sorted(bound_time.items(), key=lambda kv: -kv[1]))}",
+        highlight=False,
+    )
+    console.print(f"{cost_model.calibrated}, {cost_model.threads} thread{'s' if cost_model.threads != 1 else ''}", highlight=False)
+    classes = Table(title="predicted time per op class", title_justify="left")
+    for col in ("op class", "nodes", "FLOPs", "bytes", "FLOP/byte", "bound", "time", "share"):
+        classes.add_column(col, justify="left" if col in ("op class", "bound") else "right")
+    for cls, v in estimate.by_class().items():
+        members = [n for n in estimate.nodes if n.op_class == cls]
+        bounds: dict[str, float] = {}
+        for n in members:
+            bounds[n.bound] = bounds.get(n.bound, 0.0) + n.seconds
+        intensity = v["flops"] / v["bytes"] if v["bytes"] else 0.0
+        classes.add_row(cls, str(v["nodes"]), _human(v["flops"]), _bytes(v["bytes"]), f"{intensity:.1f}",
+                        max(bounds, key=bounds.get), _seconds(v["seconds"]), f"{v['seconds'] / total:.1%}")
+    console.print(classes)
+    slowest = sorted(estimate.nodes, key=lambda n: -n.seconds)[:max(0, top)]
+    if not slowest:
+        return
+    nodes = Table(title=f"the {len(slowest)} slowest nodes (predicted)", title_justify="left")
+    for col in ("node", "op", "bound", "FLOP/byte", "time", "share", "roofline"):
+        nodes.add_column(col, justify="left" if col in ("node", "op", "bound") else "right")
+    for n in slowest:
+        nodes.add_row(escape(n.name or "?"), escape(n.op), n.bound, f"{n.intensity:.1f}", _seconds(n.seconds), f"{n.seconds / total:.1%}",
+                      f"{n.seconds / n.roofline_s:.1f}x" if n.roofline_s else "-")
+    console.print(nodes)
 
 
 def _io(tensor) -> dict:

@@ -38,6 +38,9 @@ class Report:
     output: str | None = None
     # How verification got its inputs: {"source": "generated" | "given", "dims": {symbol: size}, "tries": n}.
     verification_inputs: dict | None = None
+    # The target's cost model on the model before and after (None: the target has none):
+    # {"target", "calibration", "threads", "before_s", "after_s", "exact"}.
+    predicted: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -69,6 +72,7 @@ class Report:
             "rollbacks": [{"pass": p, "reason": why} for p, why in self.rollbacks],
             "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
             "verification_inputs": self.verification_inputs,
+            "predicted": self.predicted,
         }
 
 
@@ -168,6 +172,7 @@ def optimize_model(
         # weight-free copy, so only when inference alone left shapes unknown).
         resolve_shapes(model)
         before = model_stats(model, ctx.options.get("symbolic_dims"))
+    predicted_before = _predict(ctx)
     deltas = StatsDelta()
     ctx.instruments.append(deltas)
     ctx.instruments.extend(instruments or ())
@@ -189,6 +194,7 @@ def optimize_model(
     ctx.analyses.invalidate()
     ctx.analysis("shapes")
     after = model_stats(model, ctx.options.get("symbolic_dims"))
+    predicted_after = _predict(ctx)
     report = Report(
         source=source,
         target=tgt.name,
@@ -203,4 +209,21 @@ def optimize_model(
         rollbacks=verifier.rollbacks if verifier else [],
         specialization=specialization or Specialization(),
     )
+    if predicted_before is not None and predicted_after is not None:
+        cost = ctx.cost
+        report.predicted = {
+            "target": cost.target.full_name,
+            "calibration": cost.calibrated,
+            "threads": cost.threads,
+            "before_s": predicted_before.seconds,
+            "after_s": predicted_after.seconds,
+            # False: some shapes were unknown, and those nodes count only their fixed cost.
+            "exact": predicted_before.known and predicted_after.known,
+        }
     return model, report
+
+
+def _predict(ctx: PassContext):
+    """The model's estimate on the context's target, or None where the target has no cost model."""
+    cost = ctx.cost
+    return None if cost is None else cost.estimate_graph(ctx.model.graph, ctx.options.get("symbolic_dims"))

@@ -217,3 +217,43 @@ def test_run_report_prints_the_decisions(tmp_path):
                                 env={"COLUMNS": "240"})
     assert result.exit_code == 0, result.output
     assert "cost model decisions" in result.output and "declined" in result.output and "NCHWc" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# What a user sees: inspect --target, the roofline plot, run's predicted time
+
+
+def test_inspect_target_predicts_per_class_and_node_and_writes_the_plot(tmp_path):
+    path, plot = tmp_path / "block.onnx", tmp_path / "roofline.png"
+    onnx.save(_residual_block(), path)
+    result = CliRunner().invoke(cli, ["inspect", str(path), "--target", "arm64:neoverse-n1", "--plot", str(plot)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "predicted on arm64:neoverse-n1" in result.output and "predicted time per op class" in result.output
+    assert "slowest nodes" in result.output and "conv2" in result.output
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    # One core: at the variant's 64, kernels this small are all fixed cost.
+    data = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--target", "arm64", "--threads", "1", "--json"]).output)
+    predicted = data["predicted"]
+    assert {n["name"] for n in predicted["nodes"]} == {"conv1", "relu1", "conv2", "residual", "relu2"}
+    assert predicted["seconds"] == pytest.approx(sum(n["seconds"] for n in predicted["nodes"]))
+    assert predicted["roofline_seconds"] < predicted["seconds"]
+    conv = next(n for n in predicted["nodes"] if n["name"] == "conv2")
+    add = next(n for n in predicted["nodes"] if n["name"] == "residual")
+    assert conv["bound"] == "compute" and add["bound"] in ("memory", "overhead") and conv["intensity"] > add["intensity"]
+
+
+def test_inspect_refuses_a_plot_without_target_and_a_target_without_hardware(tmp_path):
+    path = tmp_path / "block.onnx"
+    onnx.save(_residual_block(), path)
+    result = CliRunner().invoke(cli, ["inspect", str(path), "--plot", str(tmp_path / "r.png")])
+    assert result.exit_code != 0 and "--plot needs --target" in result.output
+    result = CliRunner().invoke(cli, ["inspect", str(path), "--target", "generic"])
+    assert result.exit_code != 0 and "no hardware figures" in result.output
+
+
+def test_run_reports_the_predicted_time_before_and_after(tmp_path):
+    result = api.optimize(_residual_block(), target="arm64", opt_level=3)
+    p = result.report.to_dict()["predicted"]
+    assert p["target"] == "arm64:neoverse-n1" and p["exact"]
+    assert p["after_s"] < p["before_s"]  # the fused residual
+    assert api.optimize(_residual_block(), target="generic", opt_level=3).report.predicted is None
