@@ -750,10 +750,11 @@ def calibrate_cost(models, target, threads, runs, opt_level, output, quiet):
     if quiet:
         return
     table = Table(title=f"cost factors for {tgt.full_name} ({result.samples} kernels)", title_justify="left")
-    for col in ("op class", "compute efficiency", "memory efficiency", "overhead"):
+    for col in ("op class", "compute efficiency", "GEMM half k, n", "memory efficiency", "overhead"):
         table.add_column(col, justify="left" if col == "op class" else "right")
     for cls, f in result.calibration.factors.items():
-        table.add_row(cls, f"{f.compute_efficiency:.3f}", f"{f.memory_efficiency:.3f}", f"{f.overhead_us:.1f} us")
+        halves = f"{f.half_k:.0f}, {f.half_n:.0f}" if f.half_k or f.half_n else "-"
+        table.add_row(cls, f"{f.compute_efficiency:.3f}", halves, f"{f.memory_efficiency:.3f}", f"{f.overhead_us:.1f} us")
     console.print(table)
     if result.calibration.op_scale:
         console.print("per-op corrections: " + ", ".join(f"{op} x{v:.2f}" for op, v in result.calibration.op_scale.items()), highlight=False)

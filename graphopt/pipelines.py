@@ -30,6 +30,7 @@ _LEVEL_PASSES: dict[int, list[str]] = {
         "fold-conv-bn",
         "fold-conv-affine",
         "fold-pad-into-conv",
+        "flush-subnormal-weights",
         "fuse-conv-add-activation",
         "eliminate-noop",
         "merge-transpose",

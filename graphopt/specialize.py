@@ -90,6 +90,10 @@ def parse_all(input_shapes: Iterable[str] = (), dims: Iterable[str] = ()) -> tup
     return shapes, bound
 
 
+# dim_params exporters use to mean "unknown" rather than to name a size.
+ANONYMOUS_DIMS = frozenset({"?"})
+
+
 def _shape_of(vi: onnx.ValueInfoProto) -> list[Dim] | None:
     if vi.type.WhichOneof("value") != "tensor_type" or not vi.type.tensor_type.HasField("shape"):
         return None
@@ -145,7 +149,9 @@ def specialize_proto(
                 raise GraphoptError(
                     f"--input-shape {name}: axis {axis} is {have} in the model {_fmt(declared)}, not {want}"
                 )
-            if isinstance(have, str):
+            # paddle2onnx writes "?" for every unknown dim: a placeholder, not one symbol shared by
+            # all of them (PP-OCR's classifier input is [-1, 3, ?, ?] and takes 48 x 192 images).
+            if isinstance(have, str) and have not in ANONYMOUS_DIMS:
                 if have in bound and bound[have] != want:
                     raise GraphoptError(
                         f"--input-shape {name}: dim '{have}' (axis {axis}) would be {want}, but {origin[have]} makes it {bound[have]}"

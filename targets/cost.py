@@ -31,7 +31,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +40,23 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.cost import SymbolicDims, computed_at_load, node_cost, op_key
 from graphopt.errors import GraphoptError
 from graphopt.ir import DEFAULT_DOMAINS, subgraphs_of
-from graphopt.targets.hardware import DATA_DIR
+from graphopt.targets.hardware import DATA_DIR, RUNTIME_LEVELS
 
 SHIPPED_CALIBRATION_DIR = DATA_DIR / "cost"
 CALIBRATION_SCHEMA = 1
 
 OP_CLASSES = ("conv", "conv-grouped", "matmul", "attention", "recurrent", "normalization", "softmax",
-              "elementwise", "reduction", "pooling", "data", "view", "other")
+              "elementwise", "broadcast", "reduction", "pooling", "data", "view", "other")
+# Classes whose compute efficiency depends on the GEMM they are: k (the reduction length) and n
+# (output channels or columns) shorter than the kernel's register blocking waste its vector lanes.
+GEMM_CLASSES = ("conv", "conv-grouped", "matmul")
 
 _CLASS_OF_OP = {
     **dict.fromkeys(("Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "FusedConv", "NhwcFusedConv"), "conv"),
     **dict.fromkeys(("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "FusedGemm", "Einsum",
                      "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"), "matmul"),
     **dict.fromkeys(("Attention", "MultiHeadAttention", "GroupQueryAttention"), "attention"),
-    **dict.fromkeys(("LSTM", "GRU", "RNN"), "recurrent"),
+    **dict.fromkeys(("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"), "recurrent"),
     **dict.fromkeys(("BatchNormalization", "LayerNormalization", "SkipLayerNormalization", "RMSNormalization",
                      "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "InstanceNormalization",
                      "GroupNormalization", "LpNormalization", "MeanVarianceNormalization", "LRN"), "normalization"),
@@ -70,7 +73,7 @@ _CLASS_OF_OP = {
 }
 VIEW_CLASS = "view"
 _INTEGER_OPS = frozenset({"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
-                          "MatMulIntegerToFloat", "QGemm"})
+                          "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLSTM"})
 
 
 def op_class(node: gs.Node) -> str:
@@ -78,11 +81,67 @@ def op_class(node: gs.Node) -> str:
     cls = _CLASS_OF_OP.get(node.op)
     if cls is None:
         if node.domain in ("", *DEFAULT_DOMAINS, "com.microsoft") and (node.op in _ELEMENTWISE_LIKE or node.op.startswith(("Bias", "Quick", "Fast"))):
-            return "elementwise"
+            return "broadcast" if _is_broadcast(node) else "elementwise"
         return "other"
     if cls == "conv" and int(node.attrs.get("group", 1) or 1) > 1:
         return "conv-grouped"
     return cls
+
+
+def _numel(tensor) -> int | None:
+    shape = getattr(tensor, "shape", None)
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _is_broadcast(node: gs.Node) -> bool:
+    """An elementwise node with an input broadcast along an inner axis (a per-channel scale [C, 1, 1]
+    on NCHW): onnxruntime's kernels walk those one inner run at a time, much slower than same-shape
+    inputs, scalars, or a bias along the last axis ([768] on [1, 128, 768]), which stream."""
+    out = node.outputs[0].shape if node.outputs else None
+    if out is None:
+        return False
+    for t in node.inputs:
+        shape = None if t.is_empty() else t.shape
+        if shape is None or _numel(t) in (None, 1) or tuple(shape) == tuple(out):
+            continue
+        dims = list(shape)
+        while dims and dims[0] == 1:
+            dims.pop(0)
+        # Broadcast along an inner axis: a size-1 dim after a larger one ([C, 1, 1], [1, H, 1]).
+        if any(d == 1 for d in dims):
+            return True
+    return False
+
+
+def gemm_dims(node: gs.Node) -> tuple[int, int]:
+    """(k, n) of the GEMM a Conv or MatMul-class node is: the reduction length and the output
+    channels (per group) or columns; (0, 0) when the weight's shape is not known."""
+    op = node.op
+
+    def shape(i: int):
+        t = node.inputs[i] if i < len(node.inputs) else None
+        s = None if t is None or t.is_empty() else t.shape
+        return tuple(s) if s is not None and all(isinstance(d, int) for d in s) else None
+
+    if _CLASS_OF_OP.get(op) == "conv" and op != "ConvTranspose":
+        w = shape(3 if op == "QLinearConv" else 1)
+        if not w or len(w) < 3:
+            return 0, 0
+        group = int(node.attrs.get("group", 1) or 1)
+        return int(np.prod(w[1:])), w[0] // group
+    if op in ("Gemm", "FusedGemm"):
+        b = shape(1)
+        if not b or len(b) != 2:
+            return 0, 0
+        return (b[1], b[0]) if node.attrs.get("transB", 0) else (b[0], b[1])
+    if _CLASS_OF_OP.get(op) == "matmul" and op != "Einsum":
+        b = shape(3 if op == "QLinearMatMul" else 1)
+        if not b or len(b) < 2:
+            return 0, 0
+        return (b[-1], b[-2]) if node.attrs.get("transB", 0) else (b[-2], b[-1])
+    return 0, 0
 
 
 _ELEMENTWISE_LIKE = frozenset("""
@@ -115,30 +174,42 @@ def compute_dtype(node: gs.Node) -> str:
 
 @dataclass(frozen=True)
 class ClassFactors:
-    compute_efficiency: float  # share of the dtype's peak a kernel of this class reaches
+    compute_efficiency: float  # share of the dtype's peak a kernel of this class reaches (a large GEMM, for GEMM_CLASSES)
     memory_efficiency: float   # share of the memory bandwidth, at the calibration's thread count
     overhead_us: float         # fixed cost per kernel
+    # GEMM_CLASSES: compute efficiency x k / (k + half_k) x n / (n + half_n), so short reductions
+    # and few output channels run below the large-GEMM rate (0: no such dependence).
+    half_k: float = 0.0
+    half_n: float = 0.0
+
+    def efficiency(self, k: int, n: int) -> float:
+        e = self.compute_efficiency
+        if self.half_k and k:
+            e *= k / (k + self.half_k)
+        if self.half_n and n:
+            e *= n / (n + self.half_n)
+        return e
 
 
-def _factors(compute: float, memory: float, overhead: float) -> ClassFactors:
-    return ClassFactors(compute, memory, overhead)
+def _factors(compute: float, memory: float, overhead: float, half_k: float = 0.0, half_n: float = 0.0) -> ClassFactors:
+    return ClassFactors(compute, memory, overhead, half_k, half_n)
 
 
 # Uncalibrated starting points (and the priors calibration shrinks towards): round figures, not
 # measurements. A CPU kernel costs a few microseconds to dispatch; a GPU kernel launch about 5.
 DEFAULT_FACTORS: dict[str, dict[str, ClassFactors]] = {
     "cpu": {
-        "conv": _factors(0.5, 0.5, 5), "conv-grouped": _factors(0.1, 0.4, 5), "matmul": _factors(0.6, 0.5, 3),
+        "conv": _factors(0.5, 0.5, 5, 16, 8), "conv-grouped": _factors(0.1, 0.4, 5, 9, 0), "matmul": _factors(0.6, 0.5, 3, 16, 8),
         "attention": _factors(0.3, 0.4, 10), "recurrent": _factors(0.2, 0.3, 10),
         "normalization": _factors(0.2, 0.4, 3), "softmax": _factors(0.1, 0.4, 3),
-        "elementwise": _factors(0.2, 0.5, 2), "reduction": _factors(0.2, 0.5, 2), "pooling": _factors(0.2, 0.5, 3),
+        "elementwise": _factors(0.2, 0.5, 2), "broadcast": _factors(0.1, 0.25, 2), "reduction": _factors(0.2, 0.5, 2), "pooling": _factors(0.2, 0.5, 3),
         "data": _factors(1.0, 0.4, 2), "view": _factors(1.0, 1.0, 1), "other": _factors(0.2, 0.3, 5),
     },
     "gpu": {
-        "conv": _factors(0.5, 0.6, 5), "conv-grouped": _factors(0.1, 0.5, 5), "matmul": _factors(0.7, 0.6, 5),
+        "conv": _factors(0.5, 0.6, 5, 32, 32), "conv-grouped": _factors(0.1, 0.5, 5, 9, 0), "matmul": _factors(0.7, 0.6, 5, 32, 32),
         "attention": _factors(0.4, 0.6, 8), "recurrent": _factors(0.1, 0.3, 20),
         "normalization": _factors(0.2, 0.7, 5), "softmax": _factors(0.1, 0.7, 5),
-        "elementwise": _factors(0.2, 0.8, 5), "reduction": _factors(0.2, 0.7, 5), "pooling": _factors(0.2, 0.7, 5),
+        "elementwise": _factors(0.2, 0.8, 5), "broadcast": _factors(0.2, 0.6, 5), "reduction": _factors(0.2, 0.7, 5), "pooling": _factors(0.2, 0.7, 5),
         "data": _factors(1.0, 0.7, 5), "view": _factors(1.0, 1.0, 1), "other": _factors(0.1, 0.5, 10),
     },
 }
@@ -161,7 +232,7 @@ class Calibration:
             "description": self.description,
             "threads": self.threads,
             "classes": {c: {"compute_efficiency": f.compute_efficiency, "memory_efficiency": f.memory_efficiency,
-                            "overhead_us": f.overhead_us} for c, f in self.factors.items()},
+                            "overhead_us": f.overhead_us, "half_k": f.half_k, "half_n": f.half_n} for c, f in self.factors.items()},
             "op_scale": dict(self.op_scale),
         }
 
@@ -183,9 +254,13 @@ def read_calibration(path: str | os.PathLike) -> Calibration:
             values = [float(entry[k]) for k in ("compute_efficiency", "memory_efficiency", "overhead_us")]
         except (KeyError, TypeError, ValueError):
             raise GraphoptError(f"cost calibration {path}: classes.{cls}: needs numeric compute_efficiency, memory_efficiency, overhead_us") from None
-        if not all(math.isfinite(v) and v > 0 for v in values):
+        try:
+            halves = [float(entry.get(k, 0.0)) for k in ("half_k", "half_n")]
+        except (TypeError, ValueError):
+            raise GraphoptError(f"cost calibration {path}: classes.{cls}: half_k and half_n must be numbers") from None
+        if not all(math.isfinite(v) and v > 0 for v in values) or not all(math.isfinite(v) and v >= 0 for v in halves):
             raise GraphoptError(f"cost calibration {path}: classes.{cls}: factors must be positive numbers")
-        factors[cls] = ClassFactors(*values)
+        factors[cls] = ClassFactors(*values, *halves)
     op_scale = {str(k): float(v) for k, v in (data.get("op_scale") or {}).items()}
     return Calibration(factors, op_scale, int(data.get("threads", 1)), str(data.get("description", "")), str(path))
 
@@ -225,10 +300,16 @@ class NodeEstimate:
     # The same work at 100% of the peak and of the bandwidth, with nothing fixed: the roofline.
     roofline_s: float
     known: bool      # every shape the estimate needs was known
+    gemm_k: int = 0  # for GEMM_CLASSES: the GEMM's reduction length and output columns (gemm_dims)
+    gemm_n: int = 0
+    fused_into: str = ""  # the node whose kernel the runtime fuses this one into (then it costs nothing)
 
     @property
     def bound(self) -> str:
-        """What limits the node: "compute", "memory" or "overhead" (the fixed cost outweighs both)."""
+        """What limits the node: "compute", "memory" or "overhead" (the fixed cost outweighs both);
+        "fused" when the runtime runs it inside another node's kernel."""
+        if self.fused_into:
+            return "fused"
         if self.overhead_s >= max(self.compute_s, self.memory_s):
             return "overhead"
         return "compute" if self.compute_s >= self.memory_s else "memory"
@@ -241,7 +322,8 @@ class NodeEstimate:
     def to_dict(self) -> dict:
         return {"name": self.name, "op": self.op, "op_class": self.op_class, "dtype": self.dtype, "flops": self.flops,
                 "bytes": self.bytes, "seconds": self.seconds, "compute_s": self.compute_s, "memory_s": self.memory_s,
-                "overhead_s": self.overhead_s, "roofline_s": self.roofline_s, "bound": self.bound, "intensity": round(self.intensity, 3), "known": self.known}
+                "overhead_s": self.overhead_s, "roofline_s": self.roofline_s, "bound": self.bound, "intensity": round(self.intensity, 3), "known": self.known,
+                "fused_into": self.fused_into or None}
 
 
 @dataclass(frozen=True)
@@ -287,7 +369,8 @@ class GraphEstimate:
 class CostModel:
     """Predicted seconds per node on a target (a Target with hardware figures), per the module docstring."""
 
-    def __init__(self, target, *, threads: int | None = None, calibration: Calibration | None | bool = True):
+    def __init__(self, target, *, threads: int | None = None, calibration: Calibration | None | bool = True,
+                 runtime_level: str = "all"):
         if target.hardware is None:
             raise GraphoptError(f"target {target.full_name} has no hardware figures, so no cost model")
         self.target = target
@@ -299,6 +382,12 @@ class CostModel:
         cores = self.hardware.cores
         self.threads = cores if self.device == "gpu" else max(1, min(int(threads or cores), cores))
         self._calibration_threads = self.calibration.threads if self.calibration else cores
+        # The onnxruntime graph optimization level the runtime runs at: its fusions up to this level
+        # are priced as the kernels they become (runtime_fusions in the target file). "all" is what
+        # the session options graphopt writes use; calibration profiles at "basic".
+        self.runtime_level = runtime_level
+        self._fusions = tuple(f for f in target.runtime_fusions
+                              if RUNTIME_LEVELS.index(f.level) <= RUNTIME_LEVELS.index(runtime_level))
 
     @property
     def calibrated(self) -> str:
@@ -318,9 +407,9 @@ class CostModel:
         peak = self.hardware.peak(dtype) * 1e9
         return peak * self.threads / self.hardware.cores if self.device == "cpu" else peak
 
-    def compute_rate(self, dtype: str, cls: str) -> float:
-        """FLOP/s a kernel of `cls` reaches on `dtype`."""
-        return self.peak(dtype) * self.factors(cls).compute_efficiency
+    def compute_rate(self, dtype: str, cls: str, k: int = 0, n: int = 0) -> float:
+        """FLOP/s a kernel of `cls` reaches on `dtype` (a GEMM class: for a GEMM of that k and n)."""
+        return self.peak(dtype) * self.factors(cls).efficiency(k, n)
 
     def bandwidth(self, cls: str) -> float:
         """Bytes/s a kernel of `cls` moves at this model's threads (the socket's figure at most)."""
@@ -335,14 +424,15 @@ class CostModel:
         dtype = compute_dtype(node)
         cost = node_cost(node, symbolic_dims)
         moved = 0 if cls == VIEW_CLASS else cost.bytes_read + cost.bytes_written
-        compute_s = cost.flops / self.compute_rate(dtype, cls) if cost.flops else 0.0
+        k, n = gemm_dims(node) if cls in GEMM_CLASSES else (0, 0)
+        compute_s = cost.flops / self.compute_rate(dtype, cls, k, n) if cost.flops else 0.0
         memory_s = moved / self.bandwidth(cls) if moved else 0.0
         overhead_s = self.factors(cls).overhead_us * 1e-6
         scale = self.calibration.op_scale.get(op_key(node), 1.0) if self.calibration else 1.0
         seconds = (max(compute_s, memory_s) + overhead_s) * scale
         roofline_s = max(cost.flops / self.peak(dtype), moved / (self.hardware.memory_bandwidth_gbs * 1e9))
         return NodeEstimate(node.name, op_key(node), cls, dtype, cost.flops, moved, compute_s, memory_s, overhead_s,
-                            seconds, roofline_s, cost.known)
+                            seconds, roofline_s, cost.known, k, n)
 
     def seconds(self, nodes: Iterable[gs.Node], symbolic_dims: SymbolicDims = None) -> tuple[float, bool]:
         """The predicted time of these nodes and whether every estimate was known."""
@@ -372,7 +462,7 @@ class CostModel:
     def runtime_fusion(self, nodes: Sequence[gs.Node]):
         """The target's runtime fusion (targets/data/*.toml, runtime_fusions) these nodes are, if any."""
         ops = sorted(n.op for n in nodes)
-        return next((f for f in self.target.runtime_fusions if sorted(f.ops) == ops), None)
+        return next((f for f in self._fusions if sorted(f.ops) == ops), None)
 
     def estimate_graph(self, graph: gs.Graph, symbolic_dims: SymbolicDims = None) -> GraphEstimate:
         """Every node's estimate (subgraphs included: an If's costlier branch, one Loop/Scan iteration);
@@ -381,11 +471,40 @@ class CostModel:
         self._collect(graph, symbolic_dims, nodes)
         return GraphEstimate(nodes, self.target.full_name, self.calibrated)
 
+    def _absorbed(self, graph: gs.Graph) -> dict[int, str]:
+        """Nodes the runtime fuses into an earlier one (id -> the head's name): the later ops of a
+        runtime fusion, each the single reader of the previous one's only output."""
+        absorbed: dict[int, str] = {}
+        outputs = {id(t) for t in graph.outputs}
+        for fusion in self._fusions:
+            for head in graph.nodes:
+                if head.op != fusion.ops[0] or id(head) in absorbed:
+                    continue
+                chain, cur = [], head
+                for op in fusion.ops[1:]:
+                    if len(cur.outputs) != 1 or id(cur.outputs[0]) in outputs or len(cur.outputs[0].outputs) != 1:
+                        break
+                    nxt = cur.outputs[0].outputs[0]
+                    if nxt.op != op or id(nxt) in absorbed:
+                        break
+                    chain.append(nxt)
+                    cur = nxt
+                else:
+                    absorbed.update((id(n), head.name) for n in chain)
+        return absorbed
+
     def _collect(self, graph: gs.Graph, symbolic_dims: SymbolicDims, out: list[NodeEstimate]) -> None:
         at_load: set[int] = set()
+        absorbed = self._absorbed(graph) if self._fusions else {}
         for node in graph.nodes:
             if computed_at_load(node, at_load, symbolic_dims):
                 at_load.update(id(t) for t in node.outputs)
+                continue
+            if id(node) in absorbed:
+                # Its work runs inside the head's kernel, its input arrives in cache: no time of its own.
+                e = self.estimate(node, symbolic_dims)
+                out.append(replace(e, compute_s=0.0, memory_s=0.0, overhead_s=0.0, seconds=0.0, roofline_s=0.0,
+                                   fused_into=absorbed[id(node)]))
                 continue
             out.append(self.estimate(node, symbolic_dims))
             subs = subgraphs_of(node)

@@ -25,6 +25,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 SCHEMA_VERSION = 1
 
 INT8_SIGNEDNESS = ("u8s8", "s8s8")
+# onnxruntime's graph optimization levels, lowest first (a fusion made at one is made at the later ones).
+RUNTIME_LEVELS = ("basic", "extended", "all")
 LAYOUTS = ("NCHW", "NHWC")
 CACHE_SCOPES = ("per-core", "total")
 # Dtypes a peak may be given for (GFLOP/s; integer dtypes GOP/s); "sparse_" ones are 2:4 sparse.
@@ -81,6 +83,8 @@ class RuntimeFusion:
 
     ops: tuple[str, ...]  # the op types of the group, in graph order ("Conv", "Add", "Relu")
     by: str               # what does it, for reports ("onnxruntime's NCHWc layout pass (...)")
+    # The lowest onnxruntime graph optimization level that makes it: "basic", "extended" or "all".
+    level: str = "all"
 
 
 @dataclass
@@ -282,11 +286,14 @@ def parse_file(path: str | os.PathLike, known: Mapping[str, Family] | None = Non
         fw = f"family.runtime_fusions[{i}]"
         if not isinstance(entry, dict):
             check.fail(fw, "must be a table {ops, by}")
-        check.unknown(entry, ("ops", "by"), fw)
+        check.unknown(entry, ("ops", "by", "level"), fw)
         ops = check.strings(check.get(entry, "ops", fw, list), f"{fw}.ops")
         if len(ops) < 2:
             check.fail(f"{fw}.ops", "a fusion groups at least two ops")
-        fusions.append(RuntimeFusion(ops, check.get(entry, "by", fw, str)))
+        level = check.get(entry, "level", fw, str, required=False, default="all")
+        if level not in RUNTIME_LEVELS:
+            check.fail(f"{fw}.level", f"must be one of {', '.join(RUNTIME_LEVELS)}, not {level!r}")
+        fusions.append(RuntimeFusion(ops, check.get(entry, "by", fw, str), level))
     if default is not None and default not in variants and not (default == "host" and name == "x86_64"):
         check.fail("family.default_variant", f"{default!r} is not a variant in this file (known: {', '.join(variants) or 'none'})")
     if default is None and variants:

@@ -50,6 +50,31 @@ def test_op_classes():
     assert op_class(gs.Node("FancyOp", domain="com.example", inputs=[], outputs=[])) == "other"
 
 
+def test_per_channel_broadcasts_are_their_own_class_and_gemm_shapes_are_read():
+    x = _var("x", [1, 8, 4, 4])
+    per_channel = gs.Node("Mul", inputs=[x, gs.Constant("s", np.ones((8, 1, 1), np.float32))], outputs=[_var("y", [1, 8, 4, 4])])
+    scalar = gs.Node("Mul", inputs=[x, gs.Constant("t", np.ones((), np.float32))], outputs=[_var("z", [1, 8, 4, 4])])
+    assert op_class(per_channel) == "broadcast" and op_class(scalar) == "elementwise"
+    assert cost.gemm_dims(_conv(c_in=64, c_out=32)) == (64 * 9, 32)
+    assert cost.gemm_dims(_conv(c_in=64, c_out=64, group=64)) == (9, 1)
+    a, b = _var("a", [2, 5, 7]), gs.Constant("b", np.zeros((7, 3), np.float32))
+    assert cost.gemm_dims(gs.Node("MatMul", inputs=[a, b], outputs=[_var("c", [2, 5, 3])])) == (7, 3)
+    gemm = gs.Node("Gemm", inputs=[_var("p", [4, 7]), gs.Constant("q", np.zeros((3, 7), np.float32))],
+                   outputs=[_var("r", [4, 3])], attrs={"transB": 1})
+    assert cost.gemm_dims(gemm) == (7, 3)
+
+
+def test_short_gemms_run_below_the_large_gemm_rate():
+    f = cost.ClassFactors(0.8, 0.5, 1.0, half_k=16, half_n=8)
+    assert f.efficiency(0, 0) == 0.8
+    assert f.efficiency(16, 8) == pytest.approx(0.2)
+    assert f.efficiency(4096, 4096) == pytest.approx(0.8, rel=0.01)
+    model = CostModel(targets.get("x86_64:avx512"), calibration=False)
+    wide, narrow = model.estimate(_conv(c_in=64, c_out=64)), model.estimate(_conv(c_in=64, c_out=4))
+    # 16x fewer FLOPs, but each one slower: the narrow conv costs more than 1/16 of the wide one.
+    assert narrow.compute_s > wide.compute_s / 16
+
+
 def test_a_conv_is_compute_bound_and_an_add_memory_bound():
     model = CostModel(targets.get("x86_64:avx512"), calibration=False)
     conv, add = model.estimate(_conv()), model.estimate(_add())
@@ -57,7 +82,7 @@ def test_a_conv_is_compute_bound_and_an_add_memory_bound():
     assert add.bound == "memory" and add.intensity < 1
     # Times follow the roofline: the conv's compute time is its FLOPs over the derated peak.
     hw = targets.get("x86_64:avx512").hardware
-    assert conv.compute_s == pytest.approx(conv.flops / (hw.peak("fp32") * 1e9 * model.factors("conv").compute_efficiency))
+    assert conv.compute_s == pytest.approx(conv.flops / (hw.peak("fp32") * 1e9 * model.factors("conv").efficiency(64 * 9, 64)))
     assert add.memory_s == pytest.approx(add.bytes / (hw.memory_bandwidth_gbs * 1e9 * model.factors("elementwise").memory_efficiency))
     assert conv.seconds == pytest.approx(max(conv.compute_s, conv.memory_s) + conv.overhead_s)
     assert conv.roofline_s < conv.seconds

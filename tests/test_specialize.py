@@ -68,6 +68,17 @@ def test_unnamed_dims_are_fixed_for_that_input_only():
     assert spec.inputs["x"] == ([None, 3], [5, 3])
 
 
+def test_paddles_question_mark_dims_are_placeholders_not_one_symbol():
+    # paddle2onnx (PP-OCR's classifier): x [-1, 3, ?, ?] takes 48 x 192 images.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, "?", "?"])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+    spec = specialize_proto(model, input_shapes={"x": [2, 3, 48, 192]})
+    assert _shape(model.graph.input[0]) == [2, 3, 48, 192]
+    assert "?" not in spec.dims
+    assert _shape(model.graph.output[0]) == [-1, 3, "?", "?"]  # no value bound to "?" spreads
+
+
 @pytest.mark.parametrize(
     "shapes, dims, message",
     [

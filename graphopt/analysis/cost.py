@@ -70,7 +70,9 @@ Attention (ai.onnx, opset 23), MultiHeadAttention and Attention (com.microsoft)
 com.microsoft fused kernels
     FusedConv, FusedMatMul (with transA/transB) and FusedGemm count as Conv, MatMul and Gemm (the
     fused activation is not counted); SkipLayerNormalization 6 per element, its Simplified (RMS)
-    form 5, SimplifiedLayerNormalization 4; Gelu, FastGelu, BiasGelu, QuickGelu, BiasAdd 1.
+    form 5, SimplifiedLayerNormalization 4; Gelu, FastGelu, BiasGelu, QuickGelu, BiasAdd 1;
+    DynamicQuantizeLSTM as LSTM (its int8 W and R are stored transposed: [dirs, I, 4H], [dirs, H, 4H]);
+    DynamicQuantizeMatMul and MatMulIntegerToFloat as MatMul.
 Anything else, including every other op of a domain other than ai.onnx (com.microsoft, ai.onnx.ml, ...)
     0 flops; graph_cost lists it in "uncounted_ops" so a caller can tell "free" from "no rule".
 
@@ -418,6 +420,20 @@ def _recurrent_rule(gates: int) -> Rule:
     return rule
 
 
+def _dynamic_quantize_lstm(node: gs.Node, shape: _Shapes) -> int:
+    # com.microsoft DynamicQuantizeLSTM: an LSTM whose int8 weights are stored transposed,
+    # W [dirs, I, 4H] and R [dirs, H, 4H].
+    x, w, r = shape(node.inputs[0]), shape(_input(node, 1)), shape(_input(node, 2))
+    if len(x) != 3 or len(w) != 3 or len(r) != 3:
+        raise _Unknown
+    dirs, i, gh = w
+    steps = dirs * x[0] * x[1]
+    flops = 2 * steps * gh * (i + r[1])
+    if _input(node, 3) is not None:
+        flops += 2 * steps * gh
+    return flops
+
+
 def _per_output_element(factor: int) -> Rule:
     def rule(node: gs.Node, shape: _Shapes) -> int:
         return factor * _out_numel(node, shape)
@@ -543,6 +559,9 @@ _DOMAIN_RULES: dict[tuple[str, str], Rule] = {
     ("com.microsoft", "FusedConv"): _conv_rule(weight_index=1, bias_index=2),
     ("com.microsoft", "FusedMatMul"): _fused_matmul,
     ("com.microsoft", "FusedGemm"): _gemm,
+    ("com.microsoft", "DynamicQuantizeLSTM"): _dynamic_quantize_lstm,
+    ("com.microsoft", "DynamicQuantizeMatMul"): _matmul_rule(0, 1),
+    ("com.microsoft", "MatMulIntegerToFloat"): _matmul_rule(0, 1),
     ("com.microsoft", "SkipLayerNormalization"): _per_output_element(6),  # the skip (and bias) add, then LayerNormalization's 5
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): _per_output_element(5),
     ("com.microsoft", "SimplifiedLayerNormalization"): _per_output_element(4),
