@@ -526,6 +526,7 @@ def inspect(model, as_json, target, target_files, threads, top, plot_path, input
         # Nodes whose shapes are not known count 0 FLOPs: then "flops_exact" is false and the
         # totals are a lower bound (--dim/--input-shape make symbolic shapes known).
         "unknown_nodes": cost["unknown_nodes"],
+        "subnormal_weights": _subnormal_weights(m),
         "ops": {op: {"count": v["count"], "flops": v["flops"], "bytes": v["bytes"]} for op, v in sorted(cost["by_op"].items(), key=lambda kv: -kv[1]["count"])},
     }
     estimate = None
@@ -556,10 +557,31 @@ def inspect(model, as_json, target, target_files, threads, top, plot_path, input
         ops.add_row(escape(op), str(v["count"]), _human(v["flops"]), _bytes(v["bytes"]))
     console.print(ops)
     _print_lower_bound_note(stats)
+    subnormal = data["subnormal_weights"]
+    if subnormal["values"]:
+        console.print(f"[yellow]{subnormal['values']:,} subnormal weights[/yellow] in {subnormal['tensors']} tensors: CPUs multiply by those "
+                      "~100x slower, and no cost model sees it; `graphopt run` (-O2) flushes them to zero (flush-subnormal-weights)", highlight=False)
     if estimate is not None:
         _print_prediction(estimate, cost_model, top)
         if plot_path:
             console.print(f"wrote the roofline plot [bold]{escape(str(plot_path))}[/bold]")
+
+
+def _subnormal_weights(model) -> dict:
+    """How many float32/float64 weights are subnormal (see passes/fold.py, flush-subnormal-weights)."""
+    import numpy as np
+
+    from graphopt import ir
+
+    values = tensors = 0
+    for t in ir.used_constants(model):
+        if np.dtype(t.dtype) not in (np.float32, np.float64):
+            continue
+        v = ir.constant_value(t)
+        count = int(np.count_nonzero((v != 0) & (np.abs(v) < np.finfo(v.dtype).tiny)))
+        values += count
+        tensors += count > 0
+    return {"values": values, "tensors": tensors}
 
 
 def _prediction_dict(estimate, cost_model) -> dict:

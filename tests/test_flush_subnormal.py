@@ -65,3 +65,19 @@ def test_pp_ocr_detector_weights_are_flushed():
     record = next(p for p in result.report.passes if p.name == "flush-subnormal-weights")
     # The released PP-OCRv4 detector ships 255,958 subnormal weights in 7 tensors (see passes/fold.py).
     assert record.stats["flushed"] == 255958
+
+
+def test_inspect_counts_subnormal_weights(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    w = np.ones((2, 2, 1, 1), np.float32)
+    w.flat[:3] = TINY / 8
+    path = tmp_path / "m.onnx"
+    onnx.save(_conv(w), path)
+    data = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json"]).output)
+    assert data["subnormal_weights"] == {"values": 3, "tensors": 1}
+    assert "3 subnormal weights" in CliRunner().invoke(cli, ["inspect", str(path)]).output

@@ -254,7 +254,7 @@ def _bitflip(seed: int, where: str) -> Builder:
             None,
             protected=(f"{name}/flipped.onnx",),
             may_succeed=True,
-            outputs=(f"{name}/{OUT}", f"{name}/{REPORT}"),
+            outputs=(f"{name}/{OUT}", f"{name}/{OUT}.session.json", f"{name}/{REPORT}"),
         )
 
     return build
