@@ -29,7 +29,7 @@ from pathlib import Path
 import onnx
 
 from graphopt.errors import GraphoptError, one_line
-from graphopt.ir import DEFAULT_DOMAINS, all_graphs, all_nodes
+from graphopt.ir import DEFAULT_DOMAINS, all_graphs, all_nodes, node_subgraphs
 
 __all__ = [
     "FORMATS",
@@ -91,12 +91,8 @@ def _default_opset(imports) -> int | None:
 def _function_nodes(function: onnx.FunctionProto) -> Iterator[onnx.NodeProto]:
     for node in function.node:
         yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from all_nodes(sub)
+        for sub in node_subgraphs(node):
+            yield from all_nodes(sub)
 
 
 def _check_node(node: onnx.NodeProto, target, opset: int | None, local: set[tuple[str, str]]) -> None:
