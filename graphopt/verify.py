@@ -156,16 +156,19 @@ def _json_float(x: float) -> float | str:
 # Inputs
 
 
-def _as_proto(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+def as_proto(model: onnx.ModelProto | str | os.PathLike, *, weights: bool = False) -> onnx.ModelProto:
+    """The model itself, or the file loaded; one-line GraphoptErrors for a missing or broken file.
+
+    Without `weights`, external data is not read: the graph's structure and the initializers'
+    dims (stored even when their bytes live elsewhere) are all that inputs and shapes need.
+    """
     if isinstance(model, onnx.ModelProto):
         return model
     path = os.fspath(model)
     if not os.path.isfile(path):
         raise GraphoptError(f"{path}: no such file")
     try:
-        # Only the graph's structure is needed here; initializer dims are stored even when their
-        # bytes live in external data, so the (possibly huge) weights are not read.
-        return onnx.load_model(path, load_external_data=False)
+        return onnx.load_model(path, load_external_data=weights)
     except Exception as exc:  # protobuf raises several unrelated types
         raise GraphoptError(f"{path}: cannot load ONNX model: {one_line(exc)}") from None
 
@@ -428,7 +431,7 @@ def make_inputs(
     contains (vocabularies, lookup keys, class labels, string constants; see `_model_words`).
     bfloat16 and float8 inputs raise GraphoptError.
     """
-    gen = _Generator(_as_proto(model))
+    gen = _Generator(as_proto(model))
     return gen.generate(gen.shapes(dict(dim_values or {}), batch), seed)
 
 
@@ -501,7 +504,7 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto | str | None = N
     if model is None:
         return arrays
 
-    graph = _as_proto(model).graph
+    graph = as_proto(model).graph
     declared = {vi.name: vi for vi in graph.input}
     for name in arrays:
         if name not in declared:
@@ -570,7 +573,7 @@ def _unregistered_op_node(model: onnx.ModelProto | str | os.PathLike, message: s
         return None
     domain, op = match.groups()
     try:
-        proto = _as_proto(model)
+        proto = as_proto(model)
     except GraphoptError:
         return None
     for node in all_nodes(proto.graph):
@@ -748,7 +751,7 @@ def find_inputs(
     """
     if max_tries < 1:
         raise GraphoptError("find_inputs needs max_tries >= 1")
-    gen = _Generator(proto if proto is not None else _as_proto(model))
+    gen = _Generator(proto if proto is not None else as_proto(model))
     fixed = {key: int(value) for key, value in (dim_values or {}).items()}
     sess = None
     seen: list[dict[str, int]] = []
