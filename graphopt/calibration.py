@@ -518,7 +518,8 @@ class Statistics:
         self.batches = 0
         self.samples = 0
 
-    def _row(self, tensor: str) -> int:
+    def row(self, tensor: str) -> int:
+        """The index of `tensor` in the per-tensor arrays (count, ignored, min, max, hist, ...)."""
         try:
             return self._index[tensor]
         except KeyError:
@@ -526,7 +527,7 @@ class Statistics:
 
     def add(self, tensor: str, values: np.ndarray) -> None:
         """Fold one batch of a tensor's values in."""
-        k = self._row(tensor)
+        k = self.row(tensor)
         x = np.asarray(values).ravel()
         if not x.size:
             return
@@ -571,7 +572,7 @@ class Statistics:
 
     def histogram(self, tensor: str) -> tuple[np.ndarray, np.ndarray]:
         """Counts of |x| and their bin edges (bins + 1 of them, from 0 to hist_max)."""
-        k = self._row(tensor)
+        k = self.row(tensor)
         return self.hist[k].copy(), np.linspace(0.0, self.hist_max[k], self.bins + 1)
 
     def range(self, tensor: str, method: str = "minmax", **params: float) -> tuple[float, float] | None:
@@ -582,7 +583,7 @@ class Statistics:
         (`levels`, default 127 for signed tensors, 255 for non-negative ones) find a threshold t
         on the |x| histogram and give (-t, t), or (0, t) when the tensor is never negative.
         """
-        k = self._row(tensor)
+        k = self.row(tensor)
         if not self.count[k]:
             return None
         if method == "minmax":

@@ -733,6 +733,126 @@ def show_target(name, target_files):
     console.print(table)
 
 
+def _floats(text: str | None, what: str, count: int | None = None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise GraphoptError(f"{what} must be comma-separated numbers, not {text!r}") from None
+    if count is not None and len(values) != count:
+        raise GraphoptError(f"{what} needs {count} values, not {len(values)} ({text!r})")
+    return values
+
+
+def _hw(text: str | None, what: str):
+    values = _floats(text, what)
+    if values is None:
+        return None
+    if len(values) not in (1, 2) or any(v <= 0 or v != int(v) for v in values):
+        raise GraphoptError(f"{what} must be SIZE or H,W in whole pixels, not {text!r}")
+    return int(values[0]) if len(values) == 1 else (int(values[0]), int(values[1]))
+
+
+CALIBRATION_METHODS = ("minmax", "moving_average", "percentile", "entropy", "mse")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", "data_path", type=click.Path(exists=True), help="Samples: an .npz keyed by input name (stacked along axis 0), an .npy, or a folder of them.")
+@click.option("--images", "image_folder", type=click.Path(exists=True, file_okay=False), help="A folder of images, preprocessed as --size/--crop/--scale/--mean/--std/--layout/--channels say.")
+@click.option("--random", "random_samples", type=int, help="N seeded random samples: a last resort, not representative of real data.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per batch where the model's batch dim is symbolic.")
+@click.option("--size", help="Images: resize the shorter side to SIZE, or to exactly H,W.")
+@click.option("--crop", help="Images: center crop H,W (or SIZE for a square).")
+@click.option("--scale", type=float, default=1 / 255, show_default=True, help="Images: pixel values are multiplied by this first.")
+@click.option("--mean", help="Images: per-channel mean (3 values), subtracted after --scale.")
+@click.option("--std", help="Images: per-channel std (3 values), divided by after --mean.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True)
+@click.option("--channels", type=click.Choice(["RGB", "BGR"]), default="RGB", show_default=True)
+@click.option("--input", "image_input", help="Images: the input they feed [default: the model's single input].")
+@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default="entropy", show_default=True, help="How a tensor's range is chosen from its statistics.")
+@click.option("--percentile", type=float, default=99.999, show_default=True, help="For --method percentile.")
+@click.option("--bins", type=int, default=2048, show_default=True, help="Histogram bins per tensor.")
+@click.option("--cache/--no-cache", default=True, show_default=True, help="Keep the statistics in graphopt's cache: another --method on the same model and data does not run the model again.")
+@click.option("--top", type=int, default=20, show_default=True, help="How many tensors to list (widest ranges first); --json lists all.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_quiet_option
+def calibrate(model, data_path, image_folder, random_samples, batch_size, size, crop, scale, mean, std, layout, channels,
+              image_input, method, percentile, bins, cache, top, as_json, quiet):
+    """Collect MODEL's activation statistics on calibration data in onnxruntime (one streaming
+    pass, cached) and show each tensor's range by --method: what quantization will use."""
+    import warnings
+
+    from graphopt import calibration
+    from graphopt.optimize import resolve_source
+
+    sources = [s for s in (data_path, image_folder, random_samples) if s is not None]
+    if len(sources) != 1:
+        raise GraphoptError("give exactly one of --data FILE|FOLDER, --images FOLDER, --random N")
+    if batch_size < 1 or bins < 16 or (random_samples is not None and random_samples < 1):
+        raise GraphoptError("--batch-size and --random must be at least 1, --bins at least 16")
+    proto, _ = resolve_source(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", calibration.RandomDataWarning)
+        if data_path is not None:
+            data = calibration.from_path(data_path, proto, batch_size=batch_size)
+        elif image_folder is not None:
+            crop_hw = _hw(crop, "--crop")
+            preprocess = calibration.Preprocess(
+                size=_hw(size, "--size"), crop=(crop_hw, crop_hw) if isinstance(crop_hw, int) else crop_hw, scale=scale,
+                mean=_floats(mean, "--mean", 3) or (0.0, 0.0, 0.0), std=_floats(std, "--std", 3) or (1.0, 1.0, 1.0),
+                layout=layout, channels=channels, input=image_input)
+            data = calibration.from_images(image_folder, proto, preprocess, batch_size=batch_size)
+        else:
+            data = calibration.random_data(proto, random_samples, batch_size=batch_size)
+    if len(data) == 0:
+        raise GraphoptError(f"{data.source}: no complete batch of calibration samples (the model takes {data.batch_size} per batch)")
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(w.message))}", highlight=False)
+    if data.dropped:
+        err_console.print(f"[yellow]warning:[/yellow] {data.dropped} samples left over that fill no batch of {data.batch_size} were not used", highlight=False)
+    cache_dir = calibration.default_cache_dir() if cache else None
+    key = calibration.cache_key(proto, data, None, bins) if cache else None
+    cached = bool(cache_dir and (cache_dir / f"{key}.npz").is_file())
+    with contextlib.ExitStack() as stack:
+        progress = None if quiet or as_json else stack.enter_context(calibration.progress_bar(f"calibrating on {data.source}", err_console))
+        stats = calibration.collect(proto, data, bins=bins, progress=progress, cache_dir=cache_dir)
+    params = {"percentile": percentile} if method == "percentile" else {}
+    rows = []
+    for name in stats.tensors:
+        r = stats.range(name, method, **params)
+        full = stats.range(name, "minmax")
+        rows.append({"tensor": name, "min": None if full is None else full[0], "max": None if full is None else full[1],
+                     "range": None if r is None else list(r), "ignored": int(stats.ignored[stats.row(name)])})
+    summary = {"model": model, "data": data.source, "samples": stats.samples, "batches": stats.batches,
+               "representative": data.representative, "method": method, "from_cache": cached, "tensors": rows}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if quiet:
+        return
+    rows.sort(key=lambda r: -((r["range"][1] - r["range"][0]) if r["range"] else -1))
+    table = Table(title=f"{escape(model)}: {len(rows)} tensors on {stats.samples} samples of {escape(data.source)}"
+                  f"{' (statistics from the cache)' if cached else ''}", title_justify="left")
+    for col in ("tensor", "min", "max", f"{method} range", "clipped", "ignored"):
+        table.add_column(col, justify="left" if col == "tensor" else "right")
+    for r in rows[:max(0, top)]:
+        lo, hi = r["range"] if r["range"] else (None, None)
+        # How much of the largest magnitude seen the range gives up (clipping outliers for resolution).
+        seen = max(abs(r["min"]), abs(r["max"])) if r["range"] else 0
+        clipped = f"{max(0.0, 1 - max(abs(lo), abs(hi)) / seen):.0%}" if r["range"] and seen > 0 else "-"
+        table.add_row(escape(r["tensor"]), _g(r["min"]), _g(r["max"]), f"[{_g(lo)}, {_g(hi)}]" if r["range"] else "none", clipped,
+                      str(r["ignored"]) if r["ignored"] else "")
+    console.print(table)
+    if len(rows) > top:
+        console.print(f"... and {len(rows) - top} more tensors (--top N, or --json for all)", highlight=False)
+
+
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
 @cli.command("calibrate-cost")
 @click.argument("models", nargs=-1)
 @click.option("--target", "-t", default="x86_64", show_default=True, help="The target this machine is: its host variant.")

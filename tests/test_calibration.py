@@ -378,3 +378,47 @@ def test_memory_stays_flat_as_samples_grow():
     small, large = _peak_bytes(model, 16), _peak_bytes(model, 512)
     print(f"\ncollect peak Python memory: 16 samples {small / 1024:.1f} KiB, 512 samples {large / 1024:.1f} KiB")
     assert large < 1.5 * small
+
+
+# ---------------------------------------------------------------------------------------------
+# graphopt calibrate
+
+
+def test_calibrate_cli_shows_ranges_and_reuses_its_cache(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    import graphopt.models as zoo_models
+    from graphopt import calibration
+    from graphopt.cli import cli
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    feeds, _ = zoo_models.eval_data("digits_cnn")
+    data = tmp_path / "digits.npz"
+    np.savez(data, **{k: v[:64] for k, v in feeds.items()})
+    first = CliRunner().invoke(cli, ["calibrate", "zoo:digits_cnn", "--data", str(data), "--method", "entropy", "--json"])
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.output)
+    assert summary["samples"] == 64 and summary["representative"] and not summary["from_cache"]
+    relu = next(r for r in summary["tensors"] if "relu" in r["tensor"].lower())
+    assert relu["min"] >= 0 and 0 < relu["range"][1] <= relu["max"]
+    runs = []
+    monkeypatch.setattr(calibration.verify, "_session", lambda *a, **k: runs.append(a) or (_ for _ in ()).throw(AssertionError("ran the model")))
+    second = CliRunner().invoke(cli, ["calibrate", "zoo:digits_cnn", "--data", str(data), "--method", "minmax", "--json"])
+    assert second.exit_code == 0, second.output
+    again = json.loads(second.output)
+    assert again["from_cache"] and not runs
+    minmax = next(r for r in again["tensors"] if r["tensor"] == relu["tensor"])
+    assert minmax["range"] == [relu["min"], relu["max"]]
+
+
+def test_calibrate_cli_refuses_ambiguous_or_missing_data(tmp_path):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    result = CliRunner().invoke(cli, ["calibrate", "zoo:digits_cnn"])
+    assert result.exit_code == 2 and "exactly one of --data" in result.output
+    result = CliRunner().invoke(cli, ["calibrate", "zoo:digits_cnn", "--random", "4", "--no-cache"])
+    assert result.exit_code == 0 and "not be representative" in result.output
