@@ -173,13 +173,18 @@ def _load_target_files(paths) -> None:
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="Inputs for verification (.npz keyed by input name).")
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True)
+@click.option("--quantize", type=click.Choice(["int8"]), help="End with static INT8 quantization (QDQ; integer kernels in onnxruntime), calibrated on --calibration.")
+@click.option("--calibration", "calibration_source", help="Calibration samples for --quantize: an .npz keyed by input name, an .npy, a folder of them, or random:N (not representative).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "moving_average", "percentile", "entropy", "mse"]), default="percentile", show_default=True)
+@click.option("--accuracy-budget", default="cos=0.99", show_default=True, help="With --quantize: the least cosine similarity of every output to the original's (verification judges by it instead of --rtol/--atol).")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each changing pass into this folder.")
 @click.option("--fold-input-defaults", is_flag=True, help="Treat initializers that are also graph inputs as constants (they are overridable defaults).")
 @click.option("--fold-size-limit", type=int, default=None, help="Largest folded constant in bytes (default 1 MiB).")
 @_shape_options
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
-def run(model, target, target_files, opt_level, output, artifact_format, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
+def run(model, target, target_files, opt_level, output, artifact_format, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
+        quantize, calibration_source, calibration_method, accuracy_budget, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
     from graphopt import verify as verify_mod
@@ -228,14 +233,29 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
     # The reference for verification: the file itself when there is one (a specialized model
     # computes the same on inputs of its shapes), else an in-memory copy.
     reference = path if path is not None else _copy(proto)
+    calibration_data = min_cosine = None
+    if quantize:
+        min_cosine = _cosine_budget(accuracy_budget)
+        calibration_data = _calibration_data(calibration_source, proto, feedback)
+    elif calibration_source:
+        raise GraphoptError("--calibration is for --quantize; add --quantize int8")
     inputs = original_outputs = None
     input_record = None
-    if verify or verify_each:
+    if quantize and verify and not inputs_path and calibration_data.representative:
+        # A quantized model is judged on data like what it was calibrated on: generated inputs lie
+        # outside every calibrated range and would measure clipping, not quantization.
+        inputs = next(iter(calibration_data))
+        input_record = {"source": f"the first calibration batch of {calibration_data.source}"}
+    elif verify or verify_each:
         # From the proto in memory: reading the file again would load every weight twice.
         inputs, original_outputs, input_record = _verification_inputs(reference, proto, inputs_path, feedback)
     options = {}
     if fold_size_limit is not None:
         options["fold_size_limit"] = fold_size_limit
+    if quantize:
+        from graphopt.calibration import default_cache_dir
+
+        options.update(calibration_method=calibration_method, calibration_cache=default_cache_dir())
     with feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):
         result, report = optimize_model(
             proto,
@@ -253,6 +273,8 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
             reference=reference,
             specialization=specialization,
             instruments=[PassProgress(feedback)],
+            calibration_data=calibration_data,
+            quantize=quantize,
         )
     report.verification_inputs = input_record
 
@@ -271,6 +293,11 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
                 remedy = "pass real inputs with --inputs FILE.npz or skip verification with --no-verify"
                 expected = verify_mod.original_outputs(reference, inputs, remedy=remedy)
             report.fidelity = verify_mod.compare(expected, verify_mod.run(str(staged), inputs), rtol=rtol, atol=atol)
+        if min_cosine is not None:
+            # Quantization is lossy by design: judged by its budget, not by float tolerance.
+            report.fidelity = verify_mod.judged_by_cosine(report.fidelity, min_cosine)
+            verify_mod.require_cosine(report.fidelity, min_cosine, "; nothing written")
+            return
         verify_mod.require_within_tolerance(report.fidelity, rtol, atol, "; nothing written")
 
     try:
@@ -288,6 +315,42 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
     _finish_report(report, report_path, quiet, verbose)
     if not quiet:
         console.print(f"wrote [bold]{escape(str(out))}[/bold]" + (f" and its session options {escape(str(session_json))}" if session_json else ""))
+
+
+def _cosine_budget(text: str) -> float:
+    # Only the cosine form of a budget exists yet; others (top-1, relative error) come with the budget search.
+    key, _, value = text.partition("=")
+    try:
+        budget = float(value)
+    except ValueError:
+        budget = None
+    if key.strip() != "cos" or budget is None or not 0 < budget <= 1:
+        raise GraphoptError(f"--accuracy-budget must be cos=VALUE with 0 < VALUE <= 1, not {text!r}")
+    return budget
+
+
+def _calibration_data(source: str | None, proto, feedback):
+    import warnings
+
+    from graphopt import calibration
+
+    if not source:
+        raise GraphoptError("--quantize needs --calibration DATA (.npz/.npy/folder of samples; random:N only for a smoke test)")
+    if source.startswith("random:"):
+        try:
+            count = int(source[len("random:"):])
+        except ValueError:
+            raise GraphoptError(f"--calibration random:N needs a whole number of samples, not {source!r}") from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", calibration.RandomDataWarning)
+            data = calibration.random_data(proto, count)
+        for w in caught:
+            feedback.note(f"warning: {w.message}")
+    else:
+        data = calibration.from_path(source, proto)
+    if len(data) == 0:
+        raise GraphoptError(f"{data.source}: no complete batch of calibration samples (the model takes {data.batch_size} per batch)")
+    return data
 
 
 def _write_ort(result, out: Path, tgt, check_fidelity, inputs, report, rtol: float, atol: float) -> None:

@@ -14,7 +14,7 @@ from graphopt.analysis.shapes import resolve_shapes
 from graphopt.analysis.stats import ModelStats, model_stats
 from graphopt.errors import GraphoptError
 from graphopt.instruments import DumpIR, StatsDelta, VerifyEach
-from graphopt.pass_manager import PassContext, PassManager, PassRecord
+from graphopt.pass_manager import PassContext, PassManager, PassRecord, Sequential, create_pass
 from graphopt.pipelines import build_pipeline
 from graphopt.specialize import Specialization
 
@@ -74,6 +74,10 @@ class Report:
             "verification_inputs": self.verification_inputs,
             "predicted": self.predicted,
         }
+
+
+# --quantize KIND -> the pass that does it.
+QUANTIZE_PASSES = {"int8": "quantize-int8"}
 
 
 def final_decisions(decisions):
@@ -145,6 +149,8 @@ def optimize_model(
     reference: onnx.ModelProto | str | None = None,
     specialization: Specialization | None = None,
     instruments: list | None = None,
+    calibration_data: Any = None,
+    quantize: str | None = None,
 ) -> tuple[ir.Model, Report]:
     """Optimize a model into graphopt's IR, ready for `export.save` (which streams it to disk).
 
@@ -152,18 +158,24 @@ def optimize_model(
     path) to verify against the original. `cleanup` ends a custom `passes` list with dce (see
     pipelines.build_pipeline). `specialization` is what `specialize.specialize_proto`
     did to `proto` beforehand, for the report. `instruments` join the pass manager's (progress,
-    for example).
+    for example). `quantize` ("int8") ends the pipeline with that quantization, calibrated on
+    `calibration_data` (graphopt.calibration.CalibrationData).
     """
     from graphopt import targets
 
     tgt = targets.get(target)
     pipeline = build_pipeline(opt_level, tgt, only=passes, disabled=disabled, cleanup=cleanup)
+    if quantize is not None:
+        if quantize not in QUANTIZE_PASSES:
+            raise GraphoptError(f"unknown quantization '{quantize}'; known: {', '.join(QUANTIZE_PASSES)}")
+        # After the level's pipeline: quantization calibrates on the graph it will change, folded and fused.
+        pipeline = Sequential([pipeline, create_pass(QUANTIZE_PASSES[quantize]), create_pass("dce")], name=f"{pipeline.name}+{quantize}")
     bytes_before = export.approx_nbytes(proto)
     check_opset(proto, tgt)
     if verify_each and reference is None:
         raise GraphoptError("--verify-each needs the original model to compare against")
     model = loading.from_proto(proto, fold_input_defaults=fold_input_defaults)
-    ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}))
+    ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}), calibration_data=calibration_data)
     ctx.analysis("shapes")
     ir.check_shapes(model)
     before = model_stats(model, ctx.options.get("symbolic_dims"))

@@ -32,7 +32,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -687,6 +687,24 @@ def require_within_tolerance(fidelity: Fidelity, rtol: float, atol: float, conse
         f"optimized model differs from the original: output '{worst.name}' max abs error "
         f"{worst.max_abs_error:.3g} (rtol {rtol}, atol {atol}){consequence}"
     )
+
+
+def judged_by_cosine(fidelity: Fidelity, min_cosine: float) -> Fidelity:
+    """A lossy result's fidelity (quantization): each output passes when its cosine similarity
+    to the original's is at least `min_cosine`, whatever rtol/atol say."""
+    outputs = [replace(o, within_tolerance=o.note is None and o.cosine_similarity >= min_cosine) for o in fidelity.outputs]
+    return replace(fidelity, outputs=outputs, ok=all(o.within_tolerance for o in outputs), rtol=None, atol=None)
+
+
+def require_cosine(fidelity: Fidelity, min_cosine: float, consequence: str = "") -> None:
+    """Raise VerificationError naming the first output below the cosine budget (judged_by_cosine)."""
+    for o in fidelity.outputs:
+        if o.note is not None:
+            raise VerificationError(f"quantized model differs from the original: output '{o.name}': {o.note}{consequence}")
+        if not o.cosine_similarity >= min_cosine:  # NaN fails too
+            raise VerificationError(
+                f"quantized model moved too far: output '{o.name}' cosine {o.cosine_similarity:.5f} is below the budget {min_cosine}{consequence}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

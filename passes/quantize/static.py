@@ -1,0 +1,252 @@
+"""Static INT8 quantization in QDQ form: QuantizeLinear/DequantizeLinear pairs that onnxruntime
+turns into integer kernels (QLinearConv, QGemm/MatMulInteger-class, QLinearAdd, ...).
+
+What is quantized, and why only that:
+* Conv, Gemm, MatMul with a constant weight: their inputs and outputs get a Q/DQ pair; weights are
+  stored int8, symmetric, one scale per output channel (per-tensor scales collapse PP-OCR: a
+  channel's range can be 38x the median's, see ../shared/notes/quantization-peers.md); a bias
+  becomes int32 with scale = input scale x weight scale, as the integer kernels accumulate it.
+* An activation right after one of them (Relu, or Clip to [0, 6]) is absorbed: the pair goes on
+  its output, whose range starts at 0, and onnxruntime drops the Relu into the Q (ReluQuantFusion).
+* A residual Add of two quantized tensors, and MaxPool/AveragePool/GlobalAveragePool/Flatten/
+  Reshape between quantized ops, so a ResNet block stays integer from one Conv to the next
+  instead of paying a dequantize-requantize round trip at every op (which is what makes peers'
+  int8 models no faster than fp32). MaxPool, Flatten and Reshape keep their input's scale, so
+  onnxruntime drops their pair.
+Everything else stays float. Tensors read by a subgraph, graph outputs and graph inputs fed by
+the user stay float too (a graph output keeps its name and dtype).
+
+Activations are per-tensor, with the target's signedness (`Hardware.int8_signedness`): u8s8
+(x86 VNNI/AMX: uint8 asymmetric activations x int8 weights) or s8s8 (arm64, TensorRT: int8
+symmetric, or asymmetric with zero point -128 for a tensor that is never negative). Ranges come
+from graphopt.calibration on `ctx.calibration_data` with `ctx.options["calibration_method"]`
+(default percentile). Per-channel Q/DQ needs opset 13: an older model is refused with a one-line
+error saying how to convert it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import ir
+from graphopt.errors import GraphoptError
+from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
+
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+ABSORBED_ACTIVATIONS = ("Relu", "Clip")
+# Ops between quantized ops that onnxruntime runs on int8 (the pair around them is dropped or
+# they have a QLinear kernel), so quantizing them keeps a chain integer.
+PASS_THROUGH_OPS = ("MaxPool", "Flatten", "Reshape")  # output keeps its input's scale
+INTEGER_OPS = ("Add", "AveragePool", "GlobalAveragePool")
+MIN_OPSET = 13
+DEFAULT_METHOD = "percentile"  # entropy clipped digits_cnn by 1.2 points; the CLI default too
+
+
+def _float_tensor(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Variable) and t.dtype is not None and np.dtype(t.dtype) == np.float32
+
+
+def _relu_like(node: gs.Node) -> bool:
+    if node.op == "Relu":
+        return True
+    if node.op == "Clip" and len(node.inputs) >= 2:
+        low = ir.constant_value(node.inputs[1])
+        return low is not None and low.size == 1 and float(low.reshape(-1)[0]) == 0.0
+    return False
+
+
+class _Plan:
+    """Which tensors get a Q/DQ pair, and which take another tensor's scale."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.tensors: dict[int, gs.Variable] = {}
+        self.same_scale_as: dict[int, gs.Variable] = {}
+        self.weighted: list[gs.Node] = []
+        outputs = {id(t) for t in graph.outputs}
+        subgraph_reads = {id(t) for node in graph.nodes for sub in ir.subgraphs_of(node) for t in _outer_reads(sub)}
+        self.blocked = outputs | subgraph_reads
+
+    def add(self, t: gs.Tensor) -> bool:
+        if not _float_tensor(t) or id(t) in self.blocked:
+            return False
+        self.tensors[id(t)] = t
+        return True
+
+
+def _outer_reads(graph: gs.Graph):
+    inner = {id(t) for node in graph.nodes for t in node.outputs} | {id(t) for t in graph.inputs}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if id(t) not in inner:
+                yield t
+        for sub in ir.subgraphs_of(node):
+            yield from _outer_reads(sub)
+
+
+def _weight_axis(node: gs.Node) -> int | None:
+    """The output-channel axis of the node's constant weight (input 1), or None if not quantizable."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    value = ir.constant_value(w)
+    if value is None or value.dtype != np.float32:
+        return None
+    if node.op == "Conv":
+        return 0 if value.ndim >= 3 else None
+    if node.op == "Gemm":
+        if value.ndim != 2 or node.attrs.get("transA", 0) or float(node.attrs.get("alpha", 1.0)) != 1.0:
+            return None
+        return 0 if node.attrs.get("transB", 0) else 1
+    return 1 if value.ndim == 2 else None  # MatMul by [K, N]
+
+
+def plan(graph: gs.Graph) -> _Plan:
+    p = _Plan(graph)
+    for node in graph.nodes:
+        if node.op not in WEIGHTED_OPS or (node.domain and node.domain not in ir.DEFAULT_DOMAINS) or _weight_axis(node) is None:
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if not _float_tensor(x) or not _float_tensor(y):
+            continue
+        after = y.outputs[0] if len(y.outputs) == 1 and id(y) not in p.blocked else None
+        out = after.outputs[0] if after is not None and _relu_like(after) else y
+        if p.add(x):
+            p.weighted.append(node)
+            p.add(out)
+    # Ops that keep a chain integer, once both sides of them are quantized anyway.
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            if (node.op not in PASS_THROUGH_OPS + INTEGER_OPS or (node.domain and node.domain not in ir.DEFAULT_DOMAINS)
+                    or not node.outputs or id(node.outputs[0]) in p.tensors):
+                continue
+            acts = [t for t in node.inputs if isinstance(t, gs.Variable)]
+            if not acts or not all(id(t) in p.tensors for t in acts):
+                continue
+            out = node.outputs[0]
+            if node.op == "Add" and (len(acts) != 2 or any(ir.static_shape(t) != ir.static_shape(out) for t in acts)):
+                continue
+            if p.add(out):
+                if node.op in PASS_THROUGH_OPS:
+                    p.same_scale_as[id(out)] = acts[0]
+                changed = True
+    return p
+
+
+def activation_params(lo: float, hi: float, signedness: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) of a per-tensor activation range for u8s8 or s8s8."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if signedness == "u8s8":
+        scale = max((hi - lo) / 255.0, 1e-12)
+        zero = int(np.clip(round(-lo / scale), 0, 255))
+        return np.array(scale, np.float32), np.array(zero, np.uint8)
+    if lo == 0.0:
+        # Never negative: all 256 levels, zero point at the bottom (and a Relu before it is dropped).
+        return np.array(max(hi / 255.0, 1e-12), np.float32), np.array(-128, np.int8)
+    return np.array(max(max(-lo, hi) / 127.0, 1e-12), np.float32), np.array(0, np.int8)
+
+
+@register_pass
+class QuantizeStaticInt8(Pass):
+    name = "quantize-int8"
+    description = "Static INT8 in QDQ form: Conv/Gemm/MatMul (per-channel int8 weights, int32 bias) and the ops between them, ranges from calibration data"
+    # Opt-in: it needs calibration data and changes numerics beyond float tolerance.
+    subgraphs = False
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if ctx.opset < MIN_OPSET:
+            # Per-tensor weight scales instead would be valid but collapse accuracy (see above),
+            # and raising the opset rewrites other ops' semantics: the user decides.
+            raise GraphoptError(f"quantize-int8 needs opset >= {MIN_OPSET} for per-channel Q/DQ, and the model is opset {ctx.opset}; "
+                                "convert it first (onnx.version_converter.convert_version(model, 13))")
+        data = ctx.calibration_data
+        if data is None:
+            raise GraphoptError("quantize-int8 needs calibration data (--calibration FILE|FOLDER, or calibration_data=...)")
+        ctx.analysis("shapes")
+        p = plan(graph)
+        if not p.weighted:
+            return PassResult(False)
+        from graphopt import calibration, export
+
+        method = ctx.options.get("calibration_method", DEFAULT_METHOD)
+        measured = [t for t in p.tensors.values() if id(t) not in p.same_scale_as]
+        stats = calibration.collect(export.to_proto(ctx.model), data, [t.name for t in measured],
+                                    cache_dir=ctx.options.get("calibration_cache"))
+        hardware = getattr(ctx.target, "hardware", None)
+        signedness = hardware.int8_signedness if hardware is not None else "s8s8"
+        params: dict[int, tuple[gs.Constant, gs.Constant]] = {}
+        for t in measured:
+            r = stats.range(t.name, method)
+            if r is None:
+                continue
+            scale, zero = activation_params(r[0], r[1], signedness)
+            params[id(t)] = (ir.make_constant(ctx.fresh_name(f"{t.name}_scale"), scale),
+                             ir.make_constant(ctx.fresh_name(f"{t.name}_zero_point"), zero))
+        for tid, source in p.same_scale_as.items():
+            if id(source) in params:
+                params[tid] = params[id(source)]
+        weights = biases = 0
+        for node in p.weighted:
+            if id(node.inputs[0]) not in params:
+                continue
+            weights += 1
+            biases += _quantize_weights(node, params[id(node.inputs[0])][0], ctx)
+        pairs = 0
+        for t in p.tensors.values():
+            if id(t) in params:
+                _insert_pair(graph, t, *params[id(t)], ctx)
+                pairs += 1
+        ir.toposort(graph)
+        return PassResult(bool(pairs), {"quantized_weights": weights, "int32_biases": biases, "qdq_pairs": pairs,
+                                        f"method_{method}": 1})
+
+
+def _insert_pair(graph: gs.Graph, t: gs.Variable, scale: gs.Constant, zero: gs.Constant, ctx: PassContext) -> None:
+    readers = list(t.outputs)
+    q = gs.Variable(ctx.fresh_name(f"{t.name}_quantized"), dtype=zero.values.dtype, shape=t.shape)
+    dq = gs.Variable(ctx.fresh_name(f"{t.name}_dequantized"), dtype=t.dtype, shape=t.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", name=ctx.fresh_name(f"{t.name}_QuantizeLinear"), inputs=[t, scale, zero], outputs=[q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", name=ctx.fresh_name(f"{t.name}_DequantizeLinear"), inputs=[q, scale, zero], outputs=[dq]))
+    for reader in readers:
+        for i, x in enumerate(reader.inputs):
+            if x is t:
+                reader.inputs[i] = dq
+
+
+def _quantize_weights(node: gs.Node, x_scale: gs.Constant, ctx: PassContext) -> int:
+    """int8 per-channel weight behind a DequantizeLinear; an int32 bias when its scale allows. Returns 1 if the bias became int32."""
+    axis = _weight_axis(node)
+    w_tensor = node.inputs[1]
+    w = ir.constant_value(w_tensor).astype(np.float64)
+    reduce = tuple(a for a in range(w.ndim) if a != axis)
+    w_scale = np.maximum(np.abs(w).max(axis=reduce) / 127.0, 1e-12)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / w_scale.reshape(shape)), -127, 127).astype(np.int8)
+    node.inputs[1] = _dequantized(node, q, w_scale.astype(np.float32), np.zeros_like(w_scale, dtype=np.int8), axis, w_tensor.name, ctx)
+    bias_index = 2
+    if len(node.inputs) <= bias_index or node.inputs[bias_index].is_empty():
+        return 0
+    b = ir.constant_value(node.inputs[bias_index])
+    if b is None or b.ndim != 1 or b.size != w_scale.size or (node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0):
+        return 0
+    b_scale = float(x_scale.values) * w_scale
+    q_bias = np.round(b.astype(np.float64) / b_scale)
+    if np.abs(q_bias).max(initial=0) >= 2**31 - 1:
+        return 0  # a float bias is still right, only not fused into the integer kernel
+    node.inputs[bias_index] = _dequantized(node, q_bias.astype(np.int32), b_scale.astype(np.float32),
+                                           np.zeros(b.size, np.int32), 0, node.inputs[bias_index].name, ctx)
+    return 1
+
+
+def _dequantized(node, values, scale, zero, axis, base, ctx) -> gs.Variable:
+    graph = ctx.graph
+    out = gs.Variable(ctx.fresh_name(f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
+    graph.nodes.append(gs.Node(
+        "DequantizeLinear", name=ctx.fresh_name(f"{base}_DequantizeLinear"),
+        inputs=[ir.make_constant(ctx.fresh_name(f"{base}_quantized"), values), ir.make_constant(ctx.fresh_name(f"{base}_scale"), scale),
+                ir.make_constant(ctx.fresh_name(f"{base}_zero_point"), zero)],
+        outputs=[out], attrs={"axis": axis},
+    ))
+    return out

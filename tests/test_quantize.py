@@ -1,0 +1,156 @@
+"""quantize-int8: static INT8 in QDQ form, calibrated on real data, that onnxruntime runs as integer kernels."""
+
+from __future__ import annotations
+
+import collections
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt.models as zoo
+from graphopt import calibration, export
+from graphopt.cli import cli
+from graphopt.errors import GraphoptError
+from graphopt.optimize import optimize_model
+
+
+def _digits():
+    feeds, labels = zoo.eval_data("digits_cnn")
+    return zoo.load("digits_cnn"), feeds["input"], labels
+
+
+def _quantized(proto, data, target="x86_64", method="percentile"):
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
+    model, report = optimize_model(work, target=target, opt_level=2, quantize="int8", calibration_data=data,
+                                   options={"calibration_method": method})
+    return export.to_proto(model), report
+
+
+def _ort_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    """The kernels onnxruntime actually runs (its optimized graph at ORT_ENABLE_ALL)."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def _accuracy(model, x, labels) -> float:
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    return float((out.argmax(1) == labels).mean())
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "moving_average"])
+def test_digits_cnn_keeps_its_accuracy_and_runs_integer_kernels(method, tmp_path):
+    proto, x, labels = _digits()
+    data = calibration.from_arrays({"input": x[:128]}, proto)
+    quantized, report = _quantized(proto, data, method=method)
+    stats = next(p for p in report.passes if p.name == "quantize-int8").stats
+    assert stats["quantized_weights"] == 3 and stats["int32_biases"] == 3
+    held_out = slice(200, None)  # samples the calibration did not see
+    fp32, int8 = _accuracy(proto, x[held_out], labels[held_out]), _accuracy(quantized, x[held_out], labels[held_out])
+    assert int8 >= fp32 - 0.01, (method, fp32, int8)
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1 and ops["Conv"] == 0
+
+
+def _block(opset: int = 17) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    c = 8
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (c, c, 3, 3)).astype(np.float32), n) for n in ("w1", "w2")]
+    inits += [numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), n) for n in ("b1", "b2")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu1"),
+        helper.make_node("Conv", ["hr", "w2", "b2"], ["y"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["y"], ["yr"], name="relu2"),
+        helper.make_node("Add", ["yr", "hr"], ["s"], name="residual"),
+        helper.make_node("Sigmoid", ["s"], ["out"], name="head"),
+    ]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, c, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _block_data(proto):
+    x = np.random.default_rng(1).standard_normal((16, 8, 16, 16)).astype(np.float32)
+    return calibration.from_arrays({"x": x}, proto)
+
+
+def test_signedness_follows_the_target():
+    proto = _block()
+    for target, dtype in (("x86_64", np.uint8), ("arm64", np.int8)):
+        quantized, _ = _quantized(proto, _block_data(proto), target=target)
+        inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+        activation_zero_points = [inits[n.input[2]] for n in quantized.graph.node if n.op_type == "QuantizeLinear"]
+        assert activation_zero_points and all(z.dtype == dtype for z in activation_zero_points), target
+        weights = [inits[n.input[0]] for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+        assert {w.dtype for w in weights} == {np.dtype(np.int8), np.dtype(np.int32)}  # int8 weights, int32 biases
+
+
+def test_the_residual_add_stays_integer_and_outputs_stay_float(tmp_path):
+    proto = _block()
+    quantized, _ = _quantized(proto, _block_data(proto))
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["Relu"] == 0  # the Relus fold into the Q
+    assert [o.name for o in quantized.graph.output] == ["out"]
+    assert quantized.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    x = np.random.default_rng(7).standard_normal((1, 8, 16, 16)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    a, b = run(proto).ravel(), run(quantized).ravel()
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
+
+
+def test_an_old_opset_is_refused_saying_how_to_convert_it():
+    proto = _block(opset=12)
+    with pytest.raises(GraphoptError, match="needs opset >= 13 .* model is opset 12"):
+        _quantized(proto, _block_data(proto))
+
+
+def test_quantizing_needs_calibration_data():
+    with pytest.raises(GraphoptError, match="needs calibration data"):
+        _quantized(_block(), None)
+
+
+def test_run_quantize_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    proto, x, _ = _digits()
+    data = tmp_path / "cal.npz"
+    np.savez(data, input=x[:64])
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "int8", "--calibration", str(data), "-o", str(out)],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "quantize-int8" in result.output and "calibration batch of" in result.output
+    assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node) >= 3
+    # A budget the quantized model cannot meet: verification fails and nothing is written.
+    strict = tmp_path / "strict.onnx"
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "int8", "--calibration", str(data), "-o", str(strict),
+                                      "--accuracy-budget", "cos=0.99999999"])
+    assert result.exit_code == 1 and "below the budget" in result.output and not strict.exists()
+
+
+def test_run_quantize_refuses_bad_options(tmp_path):
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "int8", "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 2 and "--quantize needs --calibration" in result.output
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--calibration", "random:4", "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 2 and "add --quantize int8" in result.output
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "int8", "--calibration", "random:4",
+                                      "--accuracy-budget", "top1=0.9", "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 2 and "cos=VALUE" in result.output
+
+
+def test_random_calibration_warns():
+    proto, _, _ = _digits()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = calibration.random_data(proto, 8)
+    assert any("not be representative" in str(w.message) for w in caught)
+    quantized, _ = _quantized(proto, data)
+    assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
