@@ -173,7 +173,7 @@ def _load_target_files(paths) -> None:
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="Inputs for verification (.npz keyed by input name).")
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True)
-@click.option("--quantize", type=click.Choice(["int8"]), help="End with static INT8 quantization (QDQ; integer kernels in onnxruntime), calibrated on --calibration.")
+@click.option("--quantize", type=click.Choice(["int8", "int8-dynamic"]), help="End with INT8: static (QDQ, calibrated on --calibration) or dynamic (MatMuls with weights; activations quantized per call, no calibration).")
 @click.option("--calibration", "calibration_source", help="Calibration samples for --quantize: an .npz keyed by input name, an .npy, a folder of them, or random:N (not representative).")
 @click.option("--calibration-method", type=click.Choice(["minmax", "moving_average", "percentile", "entropy", "mse"]), default="percentile", show_default=True)
 @click.option("--accuracy-budget", default="cos=0.99", show_default=True, help="With --quantize: the least cosine similarity of every output to the original's (verification judges by it instead of --rtol/--atol).")
@@ -236,12 +236,13 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
     calibration_data = min_cosine = None
     if quantize:
         min_cosine = _cosine_budget(accuracy_budget)
-        calibration_data = _calibration_data(calibration_source, proto, feedback)
+        if quantize == "int8" or calibration_source:
+            calibration_data = _calibration_data(calibration_source, proto, feedback)
     elif calibration_source:
         raise GraphoptError("--calibration is for --quantize; add --quantize int8")
     inputs = original_outputs = None
     input_record = None
-    if quantize and verify and not inputs_path and calibration_data.representative:
+    if quantize and verify and not inputs_path and calibration_data is not None and calibration_data.representative:
         # A quantized model is judged on data like what it was calibrated on: generated inputs lie
         # outside every calibrated range and would measure clipping, not quantization.
         inputs = next(iter(calibration_data))

@@ -77,7 +77,7 @@ class Report:
 
 
 # --quantize KIND -> the pass that does it.
-QUANTIZE_PASSES = {"int8": "quantize-int8"}
+QUANTIZE_PASSES = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic"}
 
 
 def final_decisions(decisions):
@@ -170,6 +170,8 @@ def optimize_model(
             raise GraphoptError(f"unknown quantization '{quantize}'; known: {', '.join(QUANTIZE_PASSES)}")
         # After the level's pipeline: quantization calibrates on the graph it will change, folded and fused.
         pipeline = Sequential([pipeline, create_pass(QUANTIZE_PASSES[quantize]), create_pass("dce")], name=f"{pipeline.name}+{quantize}")
+        if quantize == "int8" and calibration_data is None:
+            raise GraphoptError("--quantize int8 needs calibration data (--calibration DATA); int8-dynamic needs none")
     bytes_before = export.approx_nbytes(proto)
     check_opset(proto, tgt)
     if verify_each and reference is None:

@@ -154,3 +154,43 @@ def test_random_calibration_warns():
     assert any("not be representative" in str(w.message) for w in caught)
     quantized, _ = _quantized(proto, data)
     assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize-int8-dynamic
+
+
+def _bert_outputs(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_dynamic_int8_quantizes_bert_matmuls_and_attention():
+    from graphopt.models.bert import BERT_TINY, example_inputs
+
+    proto = zoo.load("bert_tiny")
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
+    model, report = optimize_model(work, target="x86_64", opt_level=3, quantize="int8-dynamic")
+    quantized = export.to_proto(model)
+    stats = next(p for p in report.passes if p.name == "quantize-int8-dynamic").stats
+    assert stats["attention"] == BERT_TINY.layers and stats["with_bias"] >= 2 * BERT_TINY.layers
+    ops = collections.Counter((n.domain, n.op_type) for n in quantized.graph.node)
+    assert ops[("com.microsoft", "QAttention")] == BERT_TINY.layers and ops[("com.microsoft", "DynamicQuantizeMatMul")] >= 2 * BERT_TINY.layers
+    assert ops[("", "MatMul")] == 0
+    feeds = example_inputs(BERT_TINY, seed=3)
+    for a, b in zip(_bert_outputs(proto, feeds), _bert_outputs(quantized, feeds)):
+        a, b = a.ravel(), b.ravel()
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.98
+
+
+def test_dynamic_int8_emits_nothing_a_target_cannot_run():
+    work = zoo.load("bert_tiny")
+    model, _ = optimize_model(work, target="generic", opt_level=3, quantize="int8-dynamic")
+    assert not any(n.domain == "com.microsoft" for n in model.graph.nodes)
+
+
+def test_run_int8_dynamic_needs_no_calibration(tmp_path):
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["run", "zoo:bert_tiny", "-O3", "--quantize", "int8-dynamic", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert any(n.op_type == "DynamicQuantizeMatMul" for n in onnx.load(out).graph.node)

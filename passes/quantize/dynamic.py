@@ -1,0 +1,104 @@
+"""Dynamic INT8 for MatMul-heavy models: MatMul (+ bias Add) by a constant weight ->
+com.microsoft DynamicQuantizeMatMul, and the fused com.microsoft Attention -> QAttention, with
+int8 weights, one scale per output column.
+
+onnxruntime's kernel quantizes the activation per call (its min/max on the fly, uint8) and
+multiplies in integers, then adds the float bias: no calibration data, and activation ranges that
+are exact for every input, which is what transformer activations (outliers per token) need. Weight
+scales per column rather than per tensor: a BERT projection's columns differ by 10x and more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.pass_manager import register_pass
+from graphopt.patterns import Match, RewritePass, Rule
+
+
+def matmul_bias(op, x, w, b):
+    return op.Add(op.MatMul(x, w), b)
+
+
+def matmul(op, x, w):
+    return op.MatMul(x, w)
+
+
+def _weight_ok(m: Match) -> bool:
+    w = m.value("w")
+    return w is not None and w.dtype == np.float32 and w.ndim == 2 and m.dtype("x") == np.float32
+
+
+def bias_applies(m: Match) -> bool:
+    b = m.value("b")
+    return _weight_ok(m) and b is not None and b.dtype == np.float32 and b.shape == (m.value("w").shape[1],)
+
+
+def plain_applies(m: Match) -> bool:
+    if not _weight_ok(m):
+        return False
+    # A bias Add after it is matmul_bias's to take (it runs later in the worklist, rooted at the Add).
+    readers = m.node("MatMul").outputs[0].outputs
+    if len(readers) == 1 and readers[0].op == "Add":
+        other = [t for t in readers[0].inputs if t is not m.node("MatMul").outputs[0]]
+        value = None if not other else getattr(other[0], "values", None)
+        if value is not None and np.asarray(value).shape == (m.value("w").shape[1],):
+            return False
+    return True
+
+
+def _quantized(op, m: Match, bias):
+    w = m.value("w").astype(np.float64)
+    scale = np.maximum(np.abs(w).max(axis=0) / 127.0, 1e-12)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return op.DynamicQuantizeMatMul(
+        m.x, op.constant(q, f"{m.w.name}_int8"), op.constant(scale.astype(np.float32), f"{m.w.name}_scale"),
+        op.constant(np.zeros(scale.shape, np.int8), f"{m.w.name}_zero_point"), bias, _domain="com.microsoft",
+    )
+
+
+def with_bias(op, m: Match):
+    return _quantized(op, m, m.b)
+
+
+def without_bias(op, m: Match):
+    return _quantized(op, m, None)
+
+
+def attention(op, x, w, b, mask):
+    return op.Attention(x, w, b, op.optional(mask), _domain="com.microsoft")
+
+
+def attention_applies(m: Match) -> bool:
+    w, b = m.value("w"), m.value("b")
+    return (w is not None and w.dtype == np.float32 and w.ndim == 2 and b is not None and b.dtype == np.float32
+            and m.dtype("x") == np.float32)
+
+
+def quantized_attention(op, m: Match):
+    # What fuse-attention made of Q, K and V: the packed projection becomes integer too, the
+    # activation quantized per call like DynamicQuantizeMatMul does (uint8, its own min/max).
+    w = m.value("w").astype(np.float64)
+    scale = np.maximum(np.abs(w).max(axis=0) / 127.0, 1e-12)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    x_q, x_scale, x_zero = op.DynamicQuantizeLinear(m.x, _outputs=3)
+    return op.QAttention(
+        x_q, op.constant(q, f"{m.w.name}_int8"), m.b, x_scale, op.constant(scale.astype(np.float32), f"{m.w.name}_scale"),
+        m.mask, x_zero, op.constant(np.zeros(scale.shape, np.int8), f"{m.w.name}_zero_point"),
+        _domain="com.microsoft", **m.node("Attention").attrs,
+    )
+
+
+_EMITS = [("DynamicQuantizeMatMul", "com.microsoft")]
+
+
+@register_pass
+class QuantizeDynamicInt8(RewritePass):
+    name = "quantize-int8-dynamic"
+    description = "Dynamic INT8: MatMul (+ bias) by a constant weight -> com.microsoft DynamicQuantizeMatMul, per-column int8 weights"
+    needs_shapes = True
+    rules = (
+        Rule(matmul_bias, with_bias, bias_applies, name="with_bias", emits=_EMITS),
+        Rule(matmul, without_bias, plain_applies, name="without_bias", emits=_EMITS),
+        Rule(attention, quantized_attention, attention_applies, name="attention", emits=[("QAttention", "com.microsoft")]),
+    )
