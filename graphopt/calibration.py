@@ -894,3 +894,33 @@ def progress_bar(description: str = "calibrating", console=None) -> Iterator[Pro
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+# ---------------------------------------------------------------------------------------------
+# From ranges and weights to int8 parameters (what quantization passes write)
+
+
+def weight_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scales): symmetric, one scale per index of `axis` (an output channel
+    or column), the largest magnitude mapped to 127 (-128 unused, so negation stays exact)."""
+    w = np.asarray(w, np.float64)
+    reduce = tuple(a for a in range(w.ndim) if a != axis)
+    scale = np.maximum(np.abs(w).max(axis=reduce) / 127.0, 1e-12)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def activation_int8(lo: float, hi: float, signedness: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) of a per-tensor activation range for "u8s8" (uint8, asymmetric) or
+    "s8s8" (int8: symmetric, or zero point -128 for a range that is never negative)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if signedness == "u8s8":
+        scale = max((hi - lo) / 255.0, 1e-12)
+        zero = int(np.clip(round(-lo / scale), 0, 255))
+        return np.array(scale, np.float32), np.array(zero, np.uint8)
+    if lo == 0.0:
+        # Never negative: all 256 levels, zero point at the bottom (and a Relu before it is dropped).
+        return np.array(max(hi / 255.0, 1e-12), np.float32), np.array(-128, np.int8)
+    return np.array(max(max(-lo, hi) / 127.0, 1e-12), np.float32), np.array(0, np.int8)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphopt.calibration import weight_int8
 from graphopt.pass_manager import register_pass
 from graphopt.patterns import Match, RewritePass, Rule
 
@@ -48,11 +49,9 @@ def plain_applies(m: Match) -> bool:
 
 
 def _quantized(op, m: Match, bias):
-    w = m.value("w").astype(np.float64)
-    scale = np.maximum(np.abs(w).max(axis=0) / 127.0, 1e-12)
-    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    q, scale = weight_int8(m.value("w"), axis=1)
     return op.DynamicQuantizeMatMul(
-        m.x, op.constant(q, f"{m.w.name}_int8"), op.constant(scale.astype(np.float32), f"{m.w.name}_scale"),
+        m.x, op.constant(q, f"{m.w.name}_int8"), op.constant(scale, f"{m.w.name}_scale"),
         op.constant(np.zeros(scale.shape, np.int8), f"{m.w.name}_zero_point"), bias, _domain="com.microsoft",
     )
 
@@ -78,12 +77,10 @@ def attention_applies(m: Match) -> bool:
 def quantized_attention(op, m: Match):
     # What fuse-attention made of Q, K and V: the packed projection becomes integer too, the
     # activation quantized per call like DynamicQuantizeMatMul does (uint8, its own min/max).
-    w = m.value("w").astype(np.float64)
-    scale = np.maximum(np.abs(w).max(axis=0) / 127.0, 1e-12)
-    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    q, scale = weight_int8(m.value("w"), axis=1)
     x_q, x_scale, x_zero = op.DynamicQuantizeLinear(m.x, _outputs=3)
     return op.QAttention(
-        x_q, op.constant(q, f"{m.w.name}_int8"), m.b, x_scale, op.constant(scale.astype(np.float32), f"{m.w.name}_scale"),
+        x_q, op.constant(q, f"{m.w.name}_int8"), m.b, x_scale, op.constant(scale, f"{m.w.name}_scale"),
         m.mask, x_zero, op.constant(np.zeros(scale.shape, np.int8), f"{m.w.name}_zero_point"),
         _domain="com.microsoft", **m.node("Attention").attrs,
     )

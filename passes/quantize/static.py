@@ -134,19 +134,6 @@ def plan(graph: gs.Graph) -> _Plan:
     return p
 
 
-def activation_params(lo: float, hi: float, signedness: str) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, zero point) of a per-tensor activation range for u8s8 or s8s8."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if signedness == "u8s8":
-        scale = max((hi - lo) / 255.0, 1e-12)
-        zero = int(np.clip(round(-lo / scale), 0, 255))
-        return np.array(scale, np.float32), np.array(zero, np.uint8)
-    if lo == 0.0:
-        # Never negative: all 256 levels, zero point at the bottom (and a Relu before it is dropped).
-        return np.array(max(hi / 255.0, 1e-12), np.float32), np.array(-128, np.int8)
-    return np.array(max(max(-lo, hi) / 127.0, 1e-12), np.float32), np.array(0, np.int8)
-
-
 @register_pass
 class QuantizeStaticInt8(Pass):
     name = "quantize-int8"
@@ -180,7 +167,7 @@ class QuantizeStaticInt8(Pass):
             r = stats.range(t.name, method)
             if r is None:
                 continue
-            scale, zero = activation_params(r[0], r[1], signedness)
+            scale, zero = calibration.activation_int8(r[0], r[1], signedness)
             params[id(t)] = (ir.make_constant(ctx.fresh_name(f"{t.name}_scale"), scale),
                              ir.make_constant(ctx.fresh_name(f"{t.name}_zero_point"), zero))
         for tid, source in p.same_scale_as.items():
@@ -216,15 +203,13 @@ def _insert_pair(graph: gs.Graph, t: gs.Variable, scale: gs.Constant, zero: gs.C
 
 def _quantize_weights(node: gs.Node, x_scale: gs.Constant, ctx: PassContext) -> int:
     """int8 per-channel weight behind a DequantizeLinear; an int32 bias when its scale allows. Returns 1 if the bias became int32."""
+    from graphopt.calibration import weight_int8
+
     axis = _weight_axis(node)
     w_tensor = node.inputs[1]
-    w = ir.constant_value(w_tensor).astype(np.float64)
-    reduce = tuple(a for a in range(w.ndim) if a != axis)
-    w_scale = np.maximum(np.abs(w).max(axis=reduce) / 127.0, 1e-12)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / w_scale.reshape(shape)), -127, 127).astype(np.int8)
-    node.inputs[1] = _dequantized(node, q, w_scale.astype(np.float32), np.zeros_like(w_scale, dtype=np.int8), axis, w_tensor.name, ctx)
+    q, w_scale = weight_int8(ir.constant_value(w_tensor), axis)
+    node.inputs[1] = _dequantized(node, q, w_scale, np.zeros(w_scale.shape, np.int8), axis, w_tensor.name, ctx)
+    w_scale = w_scale.astype(np.float64)
     bias_index = 2
     if len(node.inputs) <= bias_index or node.inputs[bias_index].is_empty():
         return 0
