@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     from graphopt.specialize import specialize_proto
 
     specialize_proto(original, dims={"DynamicDimension.0": 1, "DynamicDimension.1": WIDTH})
-    # The released model is opset 11; per-channel Q/DQ needs 13 (what quantize-int8's error says to do).
+    # The released model is opset 11; per-channel Q/DQ needs 13. graphopt's --quantize int8 converts
+    # by itself, onnxruntime's quantizers do not, and fp32 must be the same graph: convert up front.
     original = onnx.version_converter.convert_version(original, 13)
     paths = {}
     for variant, quantize in (("fp32", None), ("graphopt int8", "int8"), ("graphopt int8-dynamic", "int8-dynamic")):

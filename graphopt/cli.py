@@ -455,6 +455,8 @@ def _print_report(report, verbose: bool = False) -> None:
         passes.add_row(record.name, str(record.runs), f"{record.seconds * 1000:.1f} ms", f"{delta.get('nodes', 0):+d}", did)
     console.print(passes)
     _print_cost_decisions(report)
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"optimizer time: {report.seconds:.2f} s")
     for name, reason in report.rollbacks:
         err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)

@@ -12,7 +12,7 @@ import onnx
 from graphopt import export, ir, loading
 from graphopt.analysis.shapes import resolve_shapes
 from graphopt.analysis.stats import ModelStats, model_stats
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, one_line
 from graphopt.instruments import DumpIR, StatsDelta, VerifyEach
 from graphopt.pass_manager import PassContext, PassManager, PassRecord, Sequential, create_pass
 from graphopt.pipelines import build_pipeline
@@ -41,6 +41,8 @@ class Report:
     # The target's cost model on the model before and after (None: the target has none):
     # {"target", "calibration", "threads", "before_s", "after_s", "exact"}.
     predicted: dict | None = None
+    # What graphopt did to the model beyond its passes, in words (an opset conversion, ...).
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -73,6 +75,7 @@ class Report:
             "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
             "verification_inputs": self.verification_inputs,
             "predicted": self.predicted,
+            "notes": self.notes,
         }
 
 
@@ -164,6 +167,11 @@ def optimize_model(
     from graphopt import targets
 
     tgt = targets.get(target)
+    notes = []
+    if quantize == "int8":
+        proto, converted = _opset_for_per_channel(proto)
+        if converted:
+            notes.append(converted)
     pipeline = build_pipeline(opt_level, tgt, only=passes, disabled=disabled, cleanup=cleanup)
     if quantize is not None:
         if quantize not in QUANTIZE_PASSES:
@@ -223,6 +231,7 @@ def optimize_model(
         rollbacks=verifier.rollbacks if verifier else [],
         specialization=specialization or Specialization(),
     )
+    report.notes = notes
     if predicted_before is not None and predicted_after is not None:
         cost = ctx.cost
         report.predicted = {
@@ -235,6 +244,26 @@ def optimize_model(
             "exact": predicted_before.known and predicted_after.known,
         }
     return model, report
+
+
+# Per-channel QuantizeLinear/DequantizeLinear (the axis attribute) exist from this opset on.
+PER_CHANNEL_QDQ_OPSET = 13
+
+
+def _opset_for_per_channel(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """The model at opset 13 or later for per-channel Q/DQ: onnx's version converter lifts an older
+    one (per-tensor weight scales instead collapse real models, see passes/quantize/static.py)."""
+    opset = next((i.version for i in proto.opset_import if i.domain in ir.DEFAULT_DOMAINS), None)
+    if opset is None or opset >= PER_CHANNEL_QDQ_OPSET:
+        return proto, None
+    import onnx.version_converter
+
+    try:
+        converted = onnx.version_converter.convert_version(proto, PER_CHANNEL_QDQ_OPSET)
+    except Exception as exc:  # the converter raises several types, all "cannot convert"
+        raise GraphoptError(f"--quantize int8 needs opset >= {PER_CHANNEL_QDQ_OPSET} for per-channel Q/DQ, and onnx cannot convert "
+                            f"this opset-{opset} model: {one_line(exc)}") from None
+    return converted, f"converted the model from opset {opset} to {PER_CHANNEL_QDQ_OPSET} for per-channel Q/DQ"
 
 
 def _predict(ctx: PassContext):

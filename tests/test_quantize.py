@@ -107,10 +107,21 @@ def test_the_residual_add_stays_integer_and_outputs_stay_float(tmp_path):
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
 
 
-def test_an_old_opset_is_refused_saying_how_to_convert_it():
+def test_an_old_opset_is_converted_for_per_channel_qdq_and_the_report_says_so():
+    proto = _block(opset=12)
+    quantized, report = _quantized(proto, _block_data(proto))
+    assert next(i.version for i in quantized.opset_import if i.domain in ("", "ai.onnx")) == 13
+    assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+    assert report.notes == ["converted the model from opset 12 to 13 for per-channel Q/DQ"]
+
+
+def test_the_pass_alone_refuses_an_old_opset():
     proto = _block(opset=12)
     with pytest.raises(GraphoptError, match="needs opset >= 13 .* model is opset 12"):
-        _quantized(proto, _block_data(proto))
+        work = onnx.ModelProto()
+        work.CopyFrom(proto)
+        optimize_model(work, target="x86_64", passes=["quantize-int8"], calibration_data=_block_data(proto))
+
 
 
 def test_quantizing_needs_calibration_data():
