@@ -176,6 +176,7 @@ def _load_target_files(paths) -> None:
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic"]), help="End with INT8: static (QDQ, calibrated on --calibration) or dynamic (MatMuls with weights; activations quantized per call, no calibration).")
 @click.option("--calibration", "calibration_source", help="Calibration samples for --quantize: an .npz keyed by input name, an .npy, a folder of them, or random:N (not representative).")
 @click.option("--calibration-method", type=click.Choice(["minmax", "moving_average", "percentile", "entropy", "mse"]), default="percentile", show_default=True)
+@click.option("--quantize-gate/--no-quantize-gate", default=True, show_default=True, help="On this machine's target (x86_64:host), keep static INT8 only if it measures faster than fp32.")
 @click.option("--accuracy-budget", default="cos=0.99", show_default=True, help="With --quantize: the least cosine similarity of every output to the original's (verification judges by it instead of --rtol/--atol).")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each changing pass into this folder.")
 @click.option("--fold-input-defaults", is_flag=True, help="Treat initializers that are also graph inputs as constants (they are overridable defaults).")
@@ -184,7 +185,7 @@ def _load_target_files(paths) -> None:
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
 def run(model, target, target_files, opt_level, output, artifact_format, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
-        quantize, calibration_source, calibration_method, accuracy_budget, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
+        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
     from graphopt import verify as verify_mod
@@ -256,7 +257,7 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
     if quantize:
         from graphopt.calibration import default_cache_dir
 
-        options.update(calibration_method=calibration_method, calibration_cache=default_cache_dir())
+        options.update(calibration_method=calibration_method, calibration_cache=default_cache_dir(), quantize_gate=quantize_gate)
     with feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):
         result, report = optimize_model(
             proto,
@@ -475,8 +476,8 @@ def _print_cost_decisions(report) -> None:
     if not groups:
         return
     table = Table(title=f"cost model decisions on {report.target}", title_justify="left")
-    for col in ("pass", "rule", "", "sites", "predicted before", "after", "reason (first site)"):
-        table.add_column(col, justify="right" if col in ("sites", "predicted before", "after") else "left")
+    for col in ("pass", "rule", "", "sites", "before", "after", "reason (first site)"):
+        table.add_column(col, justify="right" if col in ("sites", "before", "after") else "left")
     for (name, rule, kept), ds in groups.items():
         before, after = sum(d.before_s for d in ds), sum(d.after_s for d in ds)
         table.add_row(name, rule, "[green]kept[/green]" if kept else "[yellow]declined[/yellow]", str(len(ds)),

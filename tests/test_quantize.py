@@ -24,11 +24,13 @@ def _digits():
     return zoo.load("digits_cnn"), feeds["input"], labels
 
 
-def _quantized(proto, data, target="x86_64", method="percentile"):
+def _quantized(proto, data, target="x86_64", method="percentile", gate=False):
+    # Without the measured gate unless asked: these tests are about what quantization writes, and
+    # their models are too small to run faster in int8.
     work = onnx.ModelProto()
     work.CopyFrom(proto)
     model, report = optimize_model(work, target=target, opt_level=2, quantize="int8", calibration_data=data,
-                                   options={"calibration_method": method})
+                                   options={"calibration_method": method, "quantize_gate": gate})
     return export.to_proto(model), report
 
 
@@ -58,6 +60,22 @@ def test_digits_cnn_keeps_its_accuracy_and_runs_integer_kernels(method, tmp_path
     assert int8 >= fp32 - 0.01, (method, fp32, int8)
     ops = _ort_ops(quantized, tmp_path)
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1 and ops["Conv"] == 0
+
+
+def test_the_gate_keeps_fp32_where_int8_measures_slower():
+    from graphopt import targets
+
+    if targets.get("x86_64").variant != "host":
+        pytest.skip("not an x86_64 machine: no host target to measure")
+    proto, x, _ = _digits()
+    quantized, report = _quantized(proto, calibration.from_arrays({"input": x[:32]}, proto), gate=True)
+    assert not any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+    (decision,) = next(p for p in report.passes if p.name == "quantize-int8").decisions
+    # digits_cnn runs in ~10 us: Q/DQ conversions cost more than int8 arithmetic saves (1.6x slower).
+    assert not decision.kept and decision.after_s > decision.before_s and "stays fp32" in decision.reason
+    # A target that is not this machine cannot be measured here: the quantized model is kept.
+    arm, report = _quantized(proto, calibration.from_arrays({"input": x[:32]}, proto), target="arm64", gate=True)
+    assert any(n.op_type == "QuantizeLinear" for n in arm.graph.node)
 
 
 def _block(opset: int = 17) -> onnx.ModelProto:
@@ -135,16 +153,25 @@ def test_run_quantize_end_to_end(tmp_path, monkeypatch):
     data = tmp_path / "cal.npz"
     np.savez(data, input=x[:64])
     out = tmp_path / "q.onnx"
-    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "int8", "--calibration", str(data), "-o", str(out)],
-                                env={"COLUMNS": "250"})
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "int8", "--calibration", str(data), "-o", str(out),
+                                      "--no-quantize-gate"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "quantize-int8" in result.output and "calibration batch of" in result.output
     assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node) >= 3
     # A budget the quantized model cannot meet: verification fails and nothing is written.
     strict = tmp_path / "strict.onnx"
     result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "int8", "--calibration", str(data), "-o", str(strict),
-                                      "--accuracy-budget", "cos=0.99999999"])
+                                      "--accuracy-budget", "cos=0.99999999", "--no-quantize-gate"])
     assert result.exit_code == 1 and "below the budget" in result.output and not strict.exists()
+    # With the gate (the default) on this machine, digits_cnn stays fp32 and the report says why.
+    gated = tmp_path / "gated.onnx"
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "int8", "--calibration", str(data), "-o", str(gated)],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    from graphopt import targets
+
+    if targets.get("x86_64").variant == "host":
+        assert "declined" in result.output and not any(n.op_type == "QuantizeLinear" for n in onnx.load(gated).graph.node)
 
 
 def test_run_quantize_refuses_bad_options(tmp_path):

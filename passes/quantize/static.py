@@ -16,6 +16,11 @@ What is quantized, and why only that:
 Everything else stays float. Tensors read by a subgraph, graph outputs and graph inputs fed by
 the user stay float too (a graph output keeps its name and dtype).
 
+Kept only where it pays: when the target is this machine (x86_64:host), the quantized model is
+timed against fp32 in onnxruntime (interleaved, on the first calibration batch) and dropped unless
+it is faster; the decision and both times are in the report (`options={"quantize_gate": False}`
+skips it). For another target it cannot be measured here, and the model is kept.
+
 Activations are per-tensor, with the target's signedness (`Hardware.int8_signedness`): u8s8
 (x86 VNNI/AMX: uint8 asymmetric activations x int8 weights) or s8s8 (arm64, TensorRT: int8
 symmetric, or asymmetric with zero point -128 for a tensor that is never negative). Ranges come
@@ -158,8 +163,8 @@ class QuantizeStaticInt8(Pass):
 
         method = ctx.options.get("calibration_method", DEFAULT_METHOD)
         measured = [t for t in p.tensors.values() if id(t) not in p.same_scale_as]
-        stats = calibration.collect(export.to_proto(ctx.model), data, [t.name for t in measured],
-                                    cache_dir=ctx.options.get("calibration_cache"))
+        fp32 = export.to_proto(ctx.model)
+        stats = calibration.collect(fp32, data, [t.name for t in measured], cache_dir=ctx.options.get("calibration_cache"))
         hardware = getattr(ctx.target, "hardware", None)
         signedness = hardware.int8_signedness if hardware is not None else "s8s8"
         params: dict[int, tuple[gs.Constant, gs.Constant]] = {}
@@ -185,8 +190,55 @@ class QuantizeStaticInt8(Pass):
                 _insert_pair(graph, t, *params[id(t)], ctx)
                 pairs += 1
         ir.toposort(graph)
+        decision = _measured(fp32, export.to_proto(ctx.model), data, ctx) if pairs and ctx.options.get("quantize_gate", True) else None
+        if decision is not None and not decision.kept:
+            from graphopt import loading
+
+            restored = loading.from_proto(fp32)
+            ctx.model.graph, ctx.model.input_defaults = restored.graph, restored.input_defaults
+            ctx.analyses.invalidate()
+            return PassResult(False, {}, [decision])
         return PassResult(bool(pairs), {"quantized_weights": weights, "int32_biases": biases, "qdq_pairs": pairs,
-                                        f"method_{method}": 1})
+                                        f"method_{method}": 1}, [decision] if decision else [])
+
+
+# The int8 model must be at least this much faster than fp32, measured, to be kept: below it, the
+# Q/DQ conversions around small kernels cost what the integer arithmetic saves (digits_cnn: 1.6x slower).
+KEEP_BELOW_RATIO = 0.97
+GATE_ROUNDS = 15
+
+
+def _measured(fp32, int8, data, ctx: PassContext):
+    """Whether the quantized model is faster than fp32, measured in onnxruntime on this machine
+    (interleaved, medians) when the target is this machine; None when it cannot be measured here."""
+    import statistics
+    import time
+
+    from graphopt import export, verify
+    from graphopt.pass_manager import CostDecision
+
+    target = ctx.target
+    if target is None or target.variant != "host" or export.approx_nbytes(int8) > export.PROTOBUF_LIMIT_BYTES:
+        return None
+    import onnxruntime as ort
+
+    feeds = next(iter(data))
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sessions = [verify._session(model, 1, level) for model in (fp32, int8)]
+    times: list[list[float]] = [[], []]
+    for _ in range(2):
+        for sess in sessions:
+            sess.run(None, feeds)
+    for r in range(GATE_ROUNDS):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            sessions[i].run(None, feeds)
+            times[i].append(time.perf_counter() - t0)
+    before, after = statistics.median(times[0]), statistics.median(times[1])
+    kept = after < KEEP_BELOW_RATIO * before
+    verdict = "kept" if kept else "not faster: the model stays fp32"
+    return CostDecision("int8", "<model>", kept, before, after,
+                        f"measured on this machine ({target.full_name}, 1 thread): {before * 1e3:.3f} ms fp32 -> {after * 1e3:.3f} ms int8, {verdict}")
 
 
 def _insert_pair(graph: gs.Graph, t: gs.Variable, scale: gs.Constant, zero: gs.Constant, ctx: PassContext) -> None:
