@@ -458,7 +458,7 @@ def _become_squeeze_like(node: gs.Node, op: str, axes: list[int], ctx) -> None:
 
 
 # A weight this close to zero changes no fp32 output, but a CPU multiplies by a subnormal number
-# in a microcode assist that takes ~100x a normal multiply: PP-OCRv4's text detector ships 256K
+# in a microcode assist that takes ~100x a normal multiply: PP-OCRv6's small text detector (rapidocr) ships 256K
 # subnormal weights (decayed by training), and the two 1x1 convolutions holding most of them take
 # 47 of its 75 ms in onnxruntime (measured: benchmarks/cost_model.py found them 46x and 116x
 # slower than the cost model predicts for their shapes).

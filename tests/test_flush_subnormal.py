@@ -63,7 +63,7 @@ def test_pp_ocr_detector_weights_are_flushed():
         pytest.skip(str(exc))
     result = api.optimize(real.model, target="x86_64", opt_level=2, verify=False)
     record = next(p for p in result.report.passes if p.name == "flush-subnormal-weights")
-    # The released PP-OCRv4 detector ships 255,958 subnormal weights in 7 tensors (see passes/fold.py).
+    # The PP-OCRv6 small detector rapidocr ships ships 255,958 subnormal weights in 7 tensors (see passes/fold.py).
     assert record.stats["flushed"] == 255958
 
 
