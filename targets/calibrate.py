@@ -280,11 +280,7 @@ def fit(all_samples: Sequence[Sample], model: CostModel, description: str = "") 
 
 def _repredict(model: CostModel, e: NodeEstimate) -> float:
     """`e`'s time under `model`'s factors (the estimate's flops, bytes, class and dtype as they were)."""
-    f = model.factors(e.op_class)
-    compute = e.flops / model.compute_rate(e.dtype, e.op_class, e.gemm_k, e.gemm_n) if e.flops else 0.0
-    memory = e.bytes / model.bandwidth(e.op_class) if e.bytes else 0.0
-    scale = model.calibration.op_scale.get(e.op, 1.0) if model.calibration else 1.0
-    return (max(compute, memory) + f.overhead_us * 1e-6) * scale
+    return model.times(e.op, e.op_class, e.dtype, e.flops, e.bytes, e.gemm_k, e.gemm_n)[3]
 
 
 def write(calibration: Calibration, path: str | os.PathLike, extra: dict | None = None) -> None:

@@ -425,14 +425,18 @@ class CostModel:
         cost = node_cost(node, symbolic_dims)
         moved = 0 if cls == VIEW_CLASS else cost.bytes_read + cost.bytes_written
         k, n = gemm_dims(node) if cls in GEMM_CLASSES else (0, 0)
-        compute_s = cost.flops / self.compute_rate(dtype, cls, k, n) if cost.flops else 0.0
-        memory_s = moved / self.bandwidth(cls) if moved else 0.0
-        overhead_s = self.factors(cls).overhead_us * 1e-6
-        scale = self.calibration.op_scale.get(op_key(node), 1.0) if self.calibration else 1.0
-        seconds = (max(compute_s, memory_s) + overhead_s) * scale
+        compute_s, memory_s, overhead_s, seconds = self.times(op_key(node), cls, dtype, cost.flops, moved, k, n)
         roofline_s = max(cost.flops / self.peak(dtype), moved / (self.hardware.memory_bandwidth_gbs * 1e9))
         return NodeEstimate(node.name, op_key(node), cls, dtype, cost.flops, moved, compute_s, memory_s, overhead_s,
                             seconds, roofline_s, cost.known, k, n)
+
+    def times(self, op: str, cls: str, dtype: str, flops: int, moved: int, k: int = 0, n: int = 0) -> tuple[float, float, float, float]:
+        """(compute, memory, fixed, total) seconds of a kernel with these figures under this model's factors."""
+        compute_s = flops / self.compute_rate(dtype, cls, k, n) if flops else 0.0
+        memory_s = moved / self.bandwidth(cls) if moved else 0.0
+        overhead_s = self.factors(cls).overhead_us * 1e-6
+        scale = self.calibration.op_scale.get(op, 1.0) if self.calibration else 1.0
+        return compute_s, memory_s, overhead_s, (max(compute_s, memory_s) + overhead_s) * scale
 
     def seconds(self, nodes: Iterable[gs.Node], symbolic_dims: SymbolicDims = None) -> tuple[float, bool]:
         """The predicted time of these nodes and whether every estimate was known."""

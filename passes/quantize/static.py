@@ -260,7 +260,7 @@ def _quantize_weights(node: gs.Node, x_scale: gs.Constant, ctx: PassContext) -> 
     axis = _weight_axis(node)
     w_tensor = node.inputs[1]
     q, w_scale = weight_int8(ir.constant_value(w_tensor), axis)
-    node.inputs[1] = _dequantized(node, q, w_scale, np.zeros(w_scale.shape, np.int8), axis, w_tensor.name, ctx)
+    node.inputs[1] = _dequantized(q, w_scale, np.zeros(w_scale.shape, np.int8), axis, w_tensor.name, ctx)
     w_scale = w_scale.astype(np.float64)
     bias_index = 2
     if len(node.inputs) <= bias_index or node.inputs[bias_index].is_empty():
@@ -272,12 +272,12 @@ def _quantize_weights(node: gs.Node, x_scale: gs.Constant, ctx: PassContext) -> 
     q_bias = np.round(b.astype(np.float64) / b_scale)
     if np.abs(q_bias).max(initial=0) >= 2**31 - 1:
         return 0  # a float bias is still right, only not fused into the integer kernel
-    node.inputs[bias_index] = _dequantized(node, q_bias.astype(np.int32), b_scale.astype(np.float32),
+    node.inputs[bias_index] = _dequantized(q_bias.astype(np.int32), b_scale.astype(np.float32),
                                            np.zeros(b.size, np.int32), 0, node.inputs[bias_index].name, ctx)
     return 1
 
 
-def _dequantized(node, values, scale, zero, axis, base, ctx) -> gs.Variable:
+def _dequantized(values, scale, zero, axis, base, ctx) -> gs.Variable:
     graph = ctx.graph
     out = gs.Variable(ctx.fresh_name(f"{base}_dequantized"), dtype=np.float32, shape=list(values.shape))
     graph.nodes.append(gs.Node(
