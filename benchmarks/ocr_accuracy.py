@@ -26,7 +26,6 @@ import json
 import random
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from graphopt import calibration, export  # noqa: E402
+from benchmarks.quantize import interleaved  # noqa: E402
 from graphopt.optimize import optimize_model  # noqa: E402
 
 console = Console(width=150)
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         work.CopyFrom(original)
         data = calibration.from_arrays({"x": calib_x}, original) if quantize == "int8" else None
         model, _ = optimize_model(work, target="x86_64", opt_level=3, quantize=quantize, calibration_data=data,
-                                  options={"calibration_method": "percentile"})
+                                  options={"calibration_method": "percentile", "quantize_gate": False})
         paths[variant] = folder / f"{variant.replace(' ', '_')}.onnx"
         export.save(model, paths[variant])
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -172,26 +172,13 @@ def main(argv=None) -> int:
         sessions[variant] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     records = {v: dict(zip(("char_accuracy", "word_accuracy"), scores(s, eval_x, eval_texts, characters))) for v, s in sessions.items()}
     feed = {"x": eval_x[:1]}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    times = {v: [] for v in sessions}
-    for _ in range(args.rounds):
-        order = list(sessions)
-        random.shuffle(order)
-        for v in order:
-            t0 = time.perf_counter()
-            sessions[v].run(None, feed)
-            times[v].append(time.perf_counter() - t0)
-    base = np.array(times["fp32"])
+    for v, e in interleaved(sessions, feed, args.rounds).items():
+        records[v].update(e)
     table = Table(title=f"PP-OCRv6 recognizer, {args.eval} rendered words ({args.calibration} for calibration), onnxruntime {ort.__version__}, 1 thread",
                   title_justify="left")
     for col in ("variant", "char accuracy", "word accuracy", "latency", "vs fp32 (median, min)"):
         table.add_column(col, justify="left" if col == "variant" else "right")
-    for v, t in times.items():
-        t = np.array(t)
-        records[v].update(median_ms=float(np.median(t) * 1e3), ratio=float(np.median(t / base)), min_ratio=float(t.min() / base.min()))
-        r = records[v]
+    for v, r in records.items():
         table.add_row(v, f"{r['char_accuracy']:.4f}", f"{r['word_accuracy']:.3f}", f"{r['median_ms']:.2f} ms", f"{r['ratio']:.3f}, {r['min_ratio']:.3f}")
     console.print(table)
     if args.json:
