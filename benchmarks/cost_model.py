@@ -85,18 +85,10 @@ def held_out(external: str | None):
 
 
 def wall_at_all(prepared: calibrate.Prepared, threads: int, runs: int) -> float:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(prepared.proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, prepared.feeds)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, prepared.feeds)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of a run at ORT_ENABLE_ALL (graphopt.verify.latency_ms)."""
+    from graphopt.verify import latency_ms
+
+    return latency_ms(prepared.proto, prepared.feeds, threads=threads, runs=runs) / 1e3
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from graphopt import calibration, export  # noqa: E402
-from benchmarks.quantize import interleaved  # noqa: E402
+from benchmarks.quantize import interleaved, ort_calibration_reader  # noqa: E402
 from graphopt.optimize import optimize_model  # noqa: E402
 
 console = Console(width=150)
@@ -143,17 +143,10 @@ def main(argv=None) -> int:
                                   options={"calibration_method": "percentile", "quantize_gate": False})
         paths[variant] = folder / f"{variant.replace(' ', '_')}.onnx"
         export.save(model, paths[variant])
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"x": calib_x[i : i + 1]} for i in range(len(calib_x))])
-
-        def get_next(self):
-            return next(self.it, None)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     try:
-        quantize_static(str(paths["fp32"]), str(folder / "ort_static.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(str(paths["fp32"]), str(folder / "ort_static.onnx"), ort_calibration_reader("x", calib_x), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul"],
                         calibrate_method=CalibrationMethod.Percentile)
         paths["ort quantize_static (Conv+MatMul, percentile)"] = folder / "ort_static.onnx"

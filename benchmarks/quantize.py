@@ -72,19 +72,26 @@ def graphopt_variants(proto, calib, input_name, folder: Path) -> dict[str, Path]
     return paths
 
 
-def ort_quantize_static(proto, calib, input_name, folder: Path) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def ort_calibration_reader(input_name: str, samples: np.ndarray):
+    """onnxruntime's calibration interface over `samples`, one sample per batch."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{input_name: calib[i : i + 1]} for i in range(len(calib))])
+            self.it = iter([{input_name: samples[i : i + 1]} for i in range(len(samples))])
 
         def get_next(self):
             return next(self.it, None)
 
+    return Reader()
+
+
+def ort_quantize_static(proto, calib, input_name, folder: Path) -> Path:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     src, out = folder / "original.onnx", folder / "ort_quantize_static.onnx"
     onnx.save(proto, src)
-    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(src), str(out), ort_calibration_reader(input_name, calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 

@@ -645,7 +645,7 @@ def _subnormal_weights(model) -> dict:
         if np.dtype(t.dtype) not in (np.float32, np.float64):
             continue
         v = ir.constant_value(t)
-        count = int(np.count_nonzero((v != 0) & (np.abs(v) < np.finfo(v.dtype).tiny)))
+        count = int(np.count_nonzero(ir.subnormal_mask(v)))
         values += count
         tensors += count > 0
     return {"values": values, "tensors": tensors}

@@ -290,6 +290,11 @@ def redirect_uses(old: gs.Tensor, new: gs.Tensor) -> None:
     list.clear(old.outputs)
 
 
+def subnormal_mask(values: np.ndarray) -> np.ndarray:
+    """Where a float array holds subnormal numbers (nonzero, below the dtype's smallest normal)."""
+    return (values != 0) & (np.abs(values) < np.finfo(values.dtype).tiny)
+
+
 def make_constant(name: str, value: np.ndarray) -> gs.Constant:
     # np.ascontiguousarray would turn a scalar into shape (1,)
     return gs.Constant(name, np.asarray(value, order="C"))

@@ -485,12 +485,11 @@ class FlushSubnormalWeights(Pass):
             value = ir.constant_value(tensor)
             if value is None or value.size == 0:
                 continue
-            tiny = np.finfo(value.dtype).tiny
             flat = value.reshape(-1)
-            if not any(np.any((c != 0) & (np.abs(c) < tiny)) for c in (flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK))):
+            if not any(ir.subnormal_mask(flat[i:i + _CHUNK]).any() for i in range(0, flat.size, _CHUNK)):
                 continue
             fixed = value.copy()
-            subnormal = (fixed != 0) & (np.abs(fixed) < tiny)
+            subnormal = ir.subnormal_mask(fixed)
             fixed[subnormal] = np.copysign(0, fixed[subnormal])
             tensor.values = fixed
             flushed += int(subnormal.sum())
