@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -248,8 +249,35 @@ class CalibrationData:
             self._digest = h.hexdigest()
         return self._digest
 
+    def head(self, batches: int) -> CalibrationData:
+        """The first `batches` batches (nothing is read until iterated)."""
+        return _BatchRange(self, 0, min(batches, len(self)))
+
+    def tail(self, batches: int) -> CalibrationData:
+        """The last `batches` batches: held out from `head(len(self) - batches)`."""
+        return _BatchRange(self, max(0, len(self) - batches), len(self))
+
     def __repr__(self) -> str:
         return f"CalibrationData({self.source!r}, batches={len(self)}, batch_size={self.batch_size}, dropped={self.dropped})"
+
+
+class _BatchRange(CalibrationData):
+    """Batches start..stop-1 of another CalibrationData."""
+
+    def __init__(self, parent: CalibrationData, start: int, stop: int):
+        if stop <= start:
+            raise GraphoptError(f"{parent.source}: no calibration batches in {start + 1}..{stop}")
+        self._parent, self._start, self._stop = parent, start, stop
+        self._specs = parent._specs
+        self.batch_size = parent.batch_size
+        self.source = f"{parent.source} (batches {start + 1}-{stop})"
+        self.representative = parent.representative
+        self.samples = (stop - start) * parent.batch_size
+        self.dropped = 0
+        self._digest = None
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return itertools.islice(iter(self._parent), self._start, self._stop)
 
 
 def _load_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
@@ -924,3 +952,45 @@ def activation_int8(lo: float, hi: float, signedness: str) -> tuple[np.ndarray, 
         # Never negative: all 256 levels, zero point at the bottom (and a Relu before it is dropped).
         return np.array(max(hi / 255.0, 1e-12), np.float32), np.array(-128, np.int8)
     return np.array(max(max(-lo, hi) / 127.0, 1e-12), np.float32), np.array(0, np.int8)
+
+
+def channel_mean_squares(
+    model: onnx.ModelProto | str,
+    data: CalibrationData,
+    tensors: Sequence[str],
+    *,
+    axis: int = -1,
+    threads: int = 2,
+) -> dict[str, np.ndarray]:
+    """E[x^2] of each tensor per index of `axis` (an input channel of the MatMul that reads it),
+    averaged over every other axis and every batch: float64, shape [tensor.shape[axis]].
+
+    One onnxruntime pass like `collect`'s, with running sums only, so memory is the channels, not
+    the samples. Data-aware weight quantization weighs each weight row's error by it: a channel
+    whose activations are 10x larger makes its weights' rounding error 100x costlier. Sentinels
+    (see the module docstring) are left out of the sums and the counts."""
+    proto = _load_model(model)
+    names = _check_tensors(proto, tensors)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    fed = set(data.inputs)
+    fetched = [n for n in names if n not in fed]
+    sess = verify._session(_augmented(proto, names), threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL) if fetched else None
+    for done, feeds in enumerate(data, 1):
+        try:
+            values = sess.run(fetched, feeds) if fetched else []
+        except Exception as exc:
+            raise GraphoptError(f"onnxruntime failed to run the model on calibration batch {done}: {one_line(exc)}") from None
+        for name, value in [(n, feeds[n]) for n in names if n in fed] + list(zip(fetched, values)):
+            value = np.asarray(value)
+            if value.ndim == 0:
+                raise GraphoptError(f"tensor '{name}' is a scalar; it has no channels")
+            flat = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis]).astype(np.float64)
+            kept = np.isfinite(flat) & (np.abs(flat) < SENTINEL_MAGNITUDE)
+            flat = np.where(kept, flat, 0.0)
+            if name in sums and sums[name].shape[0] != flat.shape[1]:
+                raise GraphoptError(f"tensor '{name}' has {flat.shape[1]} channels on axis {axis} in batch {done}, {sums[name].shape[0]} before")
+            sums[name] = sums.get(name, 0.0) + np.einsum("ij,ij->j", flat, flat)
+            counts[name] = counts.get(name, 0) + kept.sum(axis=0)
+        del values
+    return {name: sums[name] / np.maximum(counts[name], 1) for name in names if name in sums}

@@ -173,11 +173,14 @@ def _load_target_files(paths) -> None:
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="Inputs for verification (.npz keyed by input name).")
 @click.option("--rtol", type=float, default=1e-3, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True)
-@click.option("--quantize", type=click.Choice(["int8", "int8-dynamic"]), help="End with INT8: static (QDQ, calibrated on --calibration) or dynamic (MatMuls with weights; activations quantized per call, no calibration).")
+@click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4", "fp16", "bf16"]),
+              help="End with a lossy conversion: int8 (static QDQ, calibrated on --calibration), int8-dynamic (MatMuls with weights, activations quantized per call), int4 (weight-only MatMulNBits), fp16/bf16 (where the target gains from it).")
 @click.option("--calibration", "calibration_source", help="Calibration samples for --quantize: an .npz keyed by input name, an .npy, a folder of them, or random:N (not representative).")
 @click.option("--calibration-method", type=click.Choice(["minmax", "moving_average", "percentile", "entropy", "mse"]), default="percentile", show_default=True)
 @click.option("--quantize-gate/--no-quantize-gate", default=True, show_default=True, help="On this machine's target (x86_64:host), keep static INT8 only if it measures faster than fp32.")
-@click.option("--accuracy-budget", default="cos=0.99", show_default=True, help="With --quantize: the least cosine similarity of every output to the original's (verification judges by it instead of --rtol/--atol).")
+@click.option("--accuracy-budget", default="cos=0.99", show_default=True,
+              help="With --quantize: cos=MIN (least cosine of an output to the original's), rel=MAX (largest relative error) or top1=MAX (share of argmax positions that differ). Layers that would break it stay float; verification judges by it instead of --rtol/--atol.")
+@click.option("--ray", "ray_address", metavar="ADDRESS", help="Run the accuracy search's evaluations on Ray: a cluster address, auto (a running cluster) or local (start one here).")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each changing pass into this folder.")
 @click.option("--fold-input-defaults", is_flag=True, help="Treat initializers that are also graph inputs as constants (they are overridable defaults).")
 @click.option("--fold-size-limit", type=int, default=None, help="Largest folded constant in bytes (default 1 MiB).")
@@ -185,7 +188,8 @@ def _load_target_files(paths) -> None:
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
 def run(model, target, target_files, opt_level, output, artifact_format, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
-        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, dump_ir, fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
+        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, dump_ir, fold_input_defaults, fold_size_limit,
+        input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
     from graphopt import verify as verify_mod
@@ -234,13 +238,17 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
     # The reference for verification: the file itself when there is one (a specialized model
     # computes the same on inputs of its shapes), else an in-memory copy.
     reference = path if path is not None else _copy(proto)
-    calibration_data = min_cosine = None
+    calibration_data = budget = None
     if quantize:
-        min_cosine = _cosine_budget(accuracy_budget)
+        from graphopt.accuracy import Budget
+
+        budget = Budget.parse(accuracy_budget)
         if quantize == "int8" or calibration_source:
             calibration_data = _calibration_data(calibration_source, proto, feedback)
     elif calibration_source:
         raise GraphoptError("--calibration is for --quantize; add --quantize int8")
+    elif ray_address:
+        raise GraphoptError("--ray runs the accuracy search of --quantize; add --quantize")
     inputs = original_outputs = None
     input_record = None
     if quantize and verify and not inputs_path and calibration_data is not None and calibration_data.representative:
@@ -258,7 +266,9 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
         from graphopt.calibration import default_cache_dir
 
         options.update(calibration_method=calibration_method, calibration_cache=default_cache_dir(), quantize_gate=quantize_gate)
-    with feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):
+    from graphopt import executor as executors
+
+    with executors.create(ray_address) as executor, feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):
         result, report = optimize_model(
             proto,
             target=target,
@@ -277,6 +287,9 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
             instruments=[PassProgress(feedback)],
             calibration_data=calibration_data,
             quantize=quantize,
+            accuracy_budget=budget,
+            executor=executor,
+            progress=feedback.update,
         )
     report.verification_inputs = input_record
 
@@ -294,11 +307,15 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
             if expected is None:
                 remedy = "pass real inputs with --inputs FILE.npz or skip verification with --no-verify"
                 expected = verify_mod.original_outputs(reference, inputs, remedy=remedy)
-            report.fidelity = verify_mod.compare(expected, verify_mod.run(str(staged), inputs), rtol=rtol, atol=atol)
-        if min_cosine is not None:
+            actual = verify_mod.run(str(staged), inputs)
+            report.fidelity = verify_mod.compare(expected, actual, rtol=rtol, atol=atol)
+        if budget is not None:
             # Quantization is lossy by design: judged by its budget, not by float tolerance.
-            report.fidelity = verify_mod.judged_by_cosine(report.fidelity, min_cosine)
-            verify_mod.require_cosine(report.fidelity, min_cosine, "; nothing written")
+            if budget.kind == "cos":
+                report.fidelity = verify_mod.judged_by_cosine(report.fidelity, budget.value)
+                verify_mod.require_cosine(report.fidelity, budget.value, "; nothing written")
+            else:
+                budget.require([expected], [actual], "; nothing written")
             return
         verify_mod.require_within_tolerance(report.fidelity, rtol, atol, "; nothing written")
 
@@ -317,18 +334,6 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
     _finish_report(report, report_path, quiet, verbose)
     if not quiet:
         console.print(f"wrote [bold]{escape(str(out))}[/bold]" + (f" and its session options {escape(str(session_json))}" if session_json else ""))
-
-
-def _cosine_budget(text: str) -> float:
-    # Only the cosine form of a budget exists yet; others (top-1, relative error) come with the budget search.
-    key, _, value = text.partition("=")
-    try:
-        budget = float(value)
-    except ValueError:
-        budget = None
-    if key.strip() != "cos" or budget is None or not 0 < budget <= 1:
-        raise GraphoptError(f"--accuracy-budget must be cos=VALUE with 0 < VALUE <= 1, not {text!r}")
-    return budget
 
 
 def _calibration_data(source: str | None, proto, feedback):
@@ -456,6 +461,7 @@ def _print_report(report, verbose: bool = False) -> None:
         passes.add_row(record.name, str(record.runs), f"{record.seconds * 1000:.1f} ms", f"{delta.get('nodes', 0):+d}", did)
     console.print(passes)
     _print_cost_decisions(report)
+    _print_quantization(report.quantization, verbose)
     for note in report.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"optimizer time: {report.seconds:.2f} s")
@@ -483,6 +489,38 @@ def _print_cost_decisions(report) -> None:
         table.add_row(name, rule, "[green]kept[/green]" if kept else "[yellow]declined[/yellow]", str(len(ds)),
                       f"{before * 1e3:.3f} ms", f"{after * 1e3:.3f} ms", escape(ds[0].reason))
     console.print(table)
+
+
+def _sqnr(value) -> str:
+    return "-" if value is None else (f"{value:.1f} dB" if isinstance(value, (int, float)) else str(value))
+
+
+def _print_quantization(q: dict | None, verbose: bool) -> None:
+    """The accuracy search: whether the budget held with everything quantized, which layers stayed
+    float and why; with --verbose every layer's sensitivity and SQNR."""
+    if q is None:
+        return
+    layers = q["layers"]
+    kept = [layer for layer in layers if layer["kept_float"]]
+    full = q["all_quantized"]
+    console.print(f"accuracy budget {q['budget']} on {escape(q['evaluated_on'])}: all {len(layers)} layers quantized give "
+                  f"min cosine {full['min_cosine']}, SQNR {_sqnr(full['sqnr_db'])}; "
+                  + ("budget met" if not kept and q["met"] else f"{len(kept)} kept float, then min cosine {q['final']['min_cosine']}")
+                  + f" ({q['evaluations']} evaluations, {q['seconds']:.1f} s, {q['executor']})", highlight=False)
+    shown = layers if verbose else kept
+    if not shown:
+        return
+    table = Table(title="layers kept float" if not verbose else "layers (quantized alone: output cosine and SQNR; tensor SQNR in the result)",
+                  title_justify="left")
+    for col in ("node", "op", "alone: cosine", "alone: SQNR", "tensor SQNR", "float", "why"):
+        table.add_column(col, justify="right" if col.startswith(("alone", "tensor")) else "left")
+    for layer in shown:
+        alone = layer["alone"] or {}
+        table.add_row(escape(layer["node"]), layer["op"], str(alone.get("min_cosine", "-")), _sqnr(alone.get("sqnr_db")),
+                      _sqnr(layer["tensor_sqnr_db"]), "yes" if layer["kept_float"] else "", escape(layer["why"]))
+    console.print(table)
+    for note in q["notes"]:
+        console.print(f"note: {escape(note)}", highlight=False)
 
 
 def _print_lower_bound_note(stats) -> None:

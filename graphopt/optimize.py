@@ -43,6 +43,9 @@ class Report:
     predicted: dict | None = None
     # What graphopt did to the model beyond its passes, in words (an opset conversion, ...).
     notes: list[str] = field(default_factory=list)
+    # The accuracy search of a quantized run (graphopt.accuracy.SearchResult.to_dict()): the
+    # budget, per-layer sensitivity and SQNR, the layers kept float and why.
+    quantization: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -76,11 +79,13 @@ class Report:
             "verification_inputs": self.verification_inputs,
             "predicted": self.predicted,
             "notes": self.notes,
+            "quantization": self.quantization,
         }
 
 
 # --quantize KIND -> the pass that does it.
-QUANTIZE_PASSES = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic"}
+QUANTIZE_PASSES = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic", "int4": "quantize-int4",
+                   "fp16": "convert-fp16", "bf16": "convert-bf16"}
 
 
 def final_decisions(decisions):
@@ -154,6 +159,9 @@ def optimize_model(
     instruments: list | None = None,
     calibration_data: Any = None,
     quantize: str | None = None,
+    accuracy_budget: Any = None,
+    executor: Any = None,
+    progress: Any = None,
 ) -> tuple[ir.Model, Report]:
     """Optimize a model into graphopt's IR, ready for `export.save` (which streams it to disk).
 
@@ -173,13 +181,18 @@ def optimize_model(
         if converted:
             notes.append(converted)
     pipeline = build_pipeline(opt_level, tgt, only=passes, disabled=disabled, cleanup=cleanup)
+    quantization = None
     if quantize is not None:
         if quantize not in QUANTIZE_PASSES:
             raise GraphoptError(f"unknown quantization '{quantize}'; known: {', '.join(QUANTIZE_PASSES)}")
         # After the level's pipeline: quantization calibrates on the graph it will change, folded and fused.
-        pipeline = Sequential([pipeline, create_pass(QUANTIZE_PASSES[quantize]), create_pass("dce")], name=f"{pipeline.name}+{quantize}")
+        quantization = Sequential([create_pass(QUANTIZE_PASSES[quantize]), create_pass("dce")], name=quantize)
         if quantize == "int8" and calibration_data is None:
             raise GraphoptError("--quantize int8 needs calibration data (--calibration DATA); int8-dynamic needs none")
+        if isinstance(accuracy_budget, str):
+            from graphopt.accuracy import Budget
+
+            accuracy_budget = Budget.parse(accuracy_budget)
     bytes_before = export.approx_nbytes(proto)
     check_opset(proto, tgt)
     if verify_each and reference is None:
@@ -212,6 +225,11 @@ def optimize_model(
             raise GraphoptError(f"cannot create the IR dump folder {dump_ir}: {exc.strerror or exc}") from None
     start = time.perf_counter()
     records = PassManager(pipeline).run(ctx)
+    searched = None
+    if quantization is not None:
+        if accuracy_budget is not None and getattr(quantization.items[0], "layer_ops", None):
+            searched = _search(ctx, QUANTIZE_PASSES[quantize], accuracy_budget, executor, progress)
+        records += PassManager(quantization).run(ctx)
     seconds = time.perf_counter() - start
     ctx.analyses.invalidate()
     ctx.analysis("shapes")
@@ -232,6 +250,7 @@ def optimize_model(
         specialization=specialization or Specialization(),
     )
     report.notes = notes
+    report.quantization = searched.to_dict() if searched is not None else None
     if predicted_before is not None and predicted_after is not None:
         cost = ctx.cost
         report.predicted = {
@@ -264,6 +283,21 @@ def _opset_for_per_channel(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str
         raise GraphoptError(f"--quantize int8 needs opset >= {PER_CHANNEL_QDQ_OPSET} for per-channel Q/DQ, and onnx cannot convert "
                             f"this opset-{opset} model: {one_line(exc)}") from None
     return converted, f"converted the model from opset {opset} to {PER_CHANNEL_QDQ_OPSET} for per-channel Q/DQ"
+
+
+def _search(ctx: PassContext, quantize_pass: str, budget, executor, progress):
+    """The accuracy search on the optimized fp32 model; the context then quantizes exactly what it chose."""
+    from graphopt import accuracy
+
+    accuracy.name_nodes_uniquely(ctx.model.graph.nodes)
+    fp32 = export.to_proto(ctx.model)
+    options = {k: v for k, v in ctx.options.items() if not k.startswith("_")}
+    result = accuracy.search(fp32, quantize_pass, target=ctx.target.full_name, options=options,
+                             calibration_data=ctx.calibration_data, budget=budget, executor=executor, progress=progress)
+    ctx.options["quantize_exclude"] = frozenset(result.kept_float)
+    if result.statistics is not None:
+        ctx.options["calibration_statistics"] = result.statistics
+    return result
 
 
 def _predict(ctx: PassContext):

@@ -158,6 +158,12 @@ class Match:
         """Whether the target runs `op` at the model's opset, for checks that depend on it."""
         return self.ctx.can_emit(op, domain)
 
+    def excluded(self) -> bool:
+        """Whether a matched node is one the pass was told to leave alone
+        (`options["quantize_exclude"]`: the layers an accuracy search keeps float)."""
+        names = self.ctx.options.get("quantize_exclude") if self.ctx is not None else None
+        return bool(names) and any(node.name in names for _, node in self.matched)
+
     def is_constant(self, *names: str) -> bool:
         return all(self.values.get(n) is not None and ir.constant_value(self.values[n]) is not None for n in names)
 

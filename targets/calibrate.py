@@ -94,6 +94,7 @@ def prepare(name: str, proto: onnx.ModelProto, target: str = "x86_64", opt_level
     """graphopt's output for `target`, specialized to its inputs' shapes (unless not `specialize`:
     then nodes whose shapes stay symbolic count only their fixed cost), nodes named uniquely."""
     from graphopt import export, verify
+    from graphopt.accuracy import name_nodes_uniquely
     from graphopt.optimize import optimize_model
     from graphopt.specialize import specialize_proto
 
@@ -106,11 +107,7 @@ def prepare(name: str, proto: onnx.ModelProto, target: str = "x86_64", opt_level
         specialize_proto(work, {k: list(v.shape) for k, v in feeds.items() if k not in initializers})
     optimized, _ = optimize_model(work, target=target, opt_level=opt_level)
     out = export.to_proto(optimized)
-    seen: set[str] = set()
-    for i, node in enumerate(out.graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.name or node.op_type}__{i}"
-        seen.add(node.name)
+    name_nodes_uniquely(out.graph.node)
     return Prepared(name, out, feeds)
 
 

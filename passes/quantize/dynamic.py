@@ -27,7 +27,7 @@ def matmul(op, x, w):
 
 def _weight_ok(m: Match) -> bool:
     w = m.value("w")
-    return w is not None and w.dtype == np.float32 and w.ndim == 2 and m.dtype("x") == np.float32
+    return not m.excluded() and w is not None and w.dtype == np.float32 and w.ndim == 2 and m.dtype("x") == np.float32
 
 
 def bias_applies(m: Match) -> bool:
@@ -70,7 +70,7 @@ def attention(op, x, w, b, mask):
 
 def attention_applies(m: Match) -> bool:
     w, b = m.value("w"), m.value("b")
-    return (w is not None and w.dtype == np.float32 and w.ndim == 2 and b is not None and b.dtype == np.float32
+    return (not m.excluded() and w is not None and w.dtype == np.float32 and w.ndim == 2 and b is not None and b.dtype == np.float32
             and m.dtype("x") == np.float32)
 
 
@@ -94,6 +94,8 @@ class QuantizeDynamicInt8(RewritePass):
     name = "quantize-int8-dynamic"
     description = "Dynamic INT8: MatMul (+ bias) by a constant weight -> com.microsoft DynamicQuantizeMatMul, per-column int8 weights"
     needs_shapes = True
+    # The nodes an accuracy search may keep float, one at a time (graphopt/accuracy.py).
+    layer_ops = ("MatMul", "Attention")
     rules = (
         Rule(matmul_bias, with_bias, bias_applies, name="with_bias", emits=_EMITS),
         Rule(matmul, without_bias, plain_applies, name="without_bias", emits=_EMITS),

@@ -105,10 +105,12 @@ def _weight_axis(node: gs.Node) -> int | None:
     return 1 if value.ndim == 2 else None  # MatMul by [K, N]
 
 
-def plan(graph: gs.Graph) -> _Plan:
+def plan(graph: gs.Graph, exclude: frozenset[str] | set[str] = frozenset()) -> _Plan:
+    """What to quantize; nodes named in `exclude` stay float (an accuracy search chose them)."""
     p = _Plan(graph)
     for node in graph.nodes:
-        if node.op not in WEIGHTED_OPS or (node.domain and node.domain not in ir.DEFAULT_DOMAINS) or _weight_axis(node) is None:
+        if (node.op not in WEIGHTED_OPS or (node.domain and node.domain not in ir.DEFAULT_DOMAINS) or _weight_axis(node) is None
+                or node.name in exclude):
             continue
         x, y = node.inputs[0], node.outputs[0]
         if not _float_tensor(x) or not _float_tensor(y):
@@ -124,7 +126,7 @@ def plan(graph: gs.Graph) -> _Plan:
         changed = False
         for node in graph.nodes:
             if (node.op not in PASS_THROUGH_OPS + INTEGER_OPS or (node.domain and node.domain not in ir.DEFAULT_DOMAINS)
-                    or not node.outputs or id(node.outputs[0]) in p.tensors):
+                    or not node.outputs or id(node.outputs[0]) in p.tensors or node.name in exclude):
                 continue
             acts = [t for t in node.inputs if isinstance(t, gs.Variable)]
             if not acts or not all(id(t) in p.tensors for t in acts):
@@ -145,6 +147,10 @@ class QuantizeStaticInt8(Pass):
     description = "Static INT8 in QDQ form: Conv/Gemm/MatMul (per-channel int8 weights, int32 bias) and the ops between them, ranges from calibration data"
     # Opt-in: it needs calibration data and changes numerics beyond float tolerance.
     subgraphs = False
+    # The nodes an accuracy search may keep float, one at a time (graphopt/accuracy.py).
+    layer_ops = WEIGHTED_OPS
+    # Ranges from calibration statistics, which a search collects once for all its candidates.
+    needs_statistics = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if ctx.opset < MIN_OPSET:
@@ -153,10 +159,11 @@ class QuantizeStaticInt8(Pass):
             raise GraphoptError(f"quantize-int8 needs opset >= {MIN_OPSET} for per-channel Q/DQ, and the model is opset {ctx.opset}; "
                                 "convert it first (onnx.version_converter.convert_version(model, 13))")
         data = ctx.calibration_data
-        if data is None:
+        known = ctx.options.get("calibration_statistics")  # collected once by an accuracy search
+        if data is None and known is None:
             raise GraphoptError("quantize-int8 needs calibration data (--calibration FILE|FOLDER, or calibration_data=...)")
         ctx.analysis("shapes")
-        p = plan(graph)
+        p = plan(graph, frozenset(ctx.options.get("quantize_exclude", ())))
         if not p.weighted:
             return PassResult(False)
         from graphopt import calibration, export
@@ -164,7 +171,10 @@ class QuantizeStaticInt8(Pass):
         method = ctx.options.get("calibration_method", DEFAULT_METHOD)
         measured = [t for t in p.tensors.values() if id(t) not in p.same_scale_as]
         fp32 = export.to_proto(ctx.model)
-        stats = calibration.collect(fp32, data, [t.name for t in measured], cache_dir=ctx.options.get("calibration_cache"))
+        if known is not None and {t.name for t in measured} <= set(known.tensors):
+            stats = known
+        else:
+            stats = calibration.collect(fp32, data, [t.name for t in measured], cache_dir=ctx.options.get("calibration_cache"))
         hardware = getattr(ctx.target, "hardware", None)
         signedness = hardware.int8_signedness if hardware is not None else "s8s8"
         params: dict[int, tuple[gs.Constant, gs.Constant]] = {}
@@ -190,7 +200,8 @@ class QuantizeStaticInt8(Pass):
                 _insert_pair(graph, t, *params[id(t)], ctx)
                 pairs += 1
         ir.toposort(graph)
-        decision = _measured(fp32, export.to_proto(ctx.model), data, ctx) if pairs and ctx.options.get("quantize_gate", True) else None
+        gate = pairs and data is not None and ctx.options.get("quantize_gate", True)
+        decision = _measured(fp32, export.to_proto(ctx.model), data, ctx) if gate else None
         if decision is not None and not decision.kept:
             from graphopt import loading
 
