@@ -430,3 +430,45 @@ def _tensor_sqnr(fp32: onnx.ModelProto, final: onnx.ModelProto, feeds: list[dict
         signal = sum(float(np.sum(np.square(x[t], dtype=np.float64))) for x in a)
         noise = sum(float(np.sum(np.square(x[t].astype(np.float64) - y[t]))) for x, y in zip(a, b))
         layer.tensor_sqnr_db = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal else -math.inf)
+
+
+def plot(search_result: dict, path, title: str) -> None:
+    """Per-layer error as a PNG (SVG, PDF by extension): each layer's output SQNR when it alone is
+    quantized, and its own output's SQNR in the final model; layers kept float are marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display is needed, or wanted in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GraphoptError("the plot needs matplotlib (pip install matplotlib)") from None
+
+    rows = search_result["layers"]
+
+    def db(value):
+        return value if isinstance(value, (int, float)) else (120.0 if value == "inf" else math.nan)
+
+    alone = [db((r["alone"] or {}).get("sqnr_db")) for r in rows]
+    tensor = [db(r["tensor_sqnr_db"]) for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(rows) + 3), 5.5), dpi=120)
+    ax.bar(x - 0.2, alone, 0.4, label="model output SQNR, this layer alone quantized", color="C0")
+    ax.bar(x + 0.2, tensor, 0.4, label="this layer's output SQNR in the result", color="C1")
+    for i, r in enumerate(rows):
+        if r["kept_float"]:
+            ax.axvspan(i - 0.5, i + 0.5, color="C3", alpha=0.15, lw=0)
+    if any(r["kept_float"] for r in rows):
+        ax.axvspan(math.nan, math.nan, color="C3", alpha=0.15, label="kept float to meet the budget")
+        # The end of a name is what tells layers apart (exporters prefix the module path).
+    ax.set_xticks(x, [f"{r['node'][-32:]} ({r['op']})" for r in rows], rotation=90, fontsize=7)
+    ax.set_ylabel("SQNR (dB), higher is better")
+    ax.set_title(f"{title}: budget {search_result['budget']}, {len(rows)} layers", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except (OSError, ValueError) as exc:
+        raise GraphoptError(f"cannot write the plot {path}: {exc}") from None
+    finally:
+        plt.close(fig)

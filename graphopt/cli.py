@@ -506,7 +506,7 @@ def _print_quantization(q: dict | None, verbose: bool) -> None:
     console.print(f"accuracy budget {q['budget']} on {escape(q['evaluated_on'])}: all {len(layers)} layers quantized give "
                   f"min cosine {full['min_cosine']}, SQNR {_sqnr(full['sqnr_db'])}; "
                   + ("budget met" if not kept and q["met"] else f"{len(kept)} kept float, then min cosine {q['final']['min_cosine']}")
-                  + f" ({q['evaluations']} evaluations, {q['seconds']:.1f} s, {q['executor']})", highlight=False)
+                  + f" ({q['evaluations']} evaluation{'s' if q['evaluations'] != 1 else ''}, {q['seconds']:.1f} s, {q['executor']})", highlight=False)
     shown = layers if verbose else kept
     if not shown:
         return
@@ -576,6 +576,59 @@ def _print_fidelity(fidelity, inputs: dict | None = None) -> None:
         ok = "[green]yes[/green]" if o.within_tolerance else f"[red]no[/red] {escape(o.note or '')}"
         table.add_row(escape(o.name), f"{o.max_abs_error:.3g}", f"{o.max_rel_error:.3g}", f"{o.cosine_similarity:.6f}", top1, ok)
     console.print(table)
+
+
+@cli.command("quantize-report")
+@click.argument("model")
+@click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4"]), default="int8", show_default=True)
+@click.option("--calibration", "calibration_source", help="Calibration samples: .npz/.npy, a folder of them, or random:N (not representative).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "moving_average", "percentile", "entropy", "mse"]), default="percentile", show_default=True)
+@click.option("--target", "-t", default="x86_64", show_default=True)
+@_target_file_option
+@click.option("-O", "opt_level", type=click.IntRange(0, 3), default=2, show_default=True, help="The level whose fp32 result is quantized.")
+@click.option("--accuracy-budget", default="cos=0.99", show_default=True, help="As for run: which layers would stay float.")
+@click.option("--ray", "ray_address", metavar="ADDRESS", help="Run the evaluations on Ray (an address, auto or local).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Where to write the per-layer plot [default: <name>.quant.png].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the per-layer figures as JSON.")
+@_shape_options
+@_quiet_option
+def quantize_report(model, quantize, calibration_source, calibration_method, target, target_files, opt_level, accuracy_budget, ray_address,
+                    plot_path, json_path, input_shapes, dims, quiet):
+    """Per-layer quantization sensitivity of MODEL: each layer quantized alone (output cosine and
+    SQNR), each layer's SQNR in the quantized result, and which layers the budget keeps float."""
+    from graphopt import accuracy, executor as executors, targets
+    from graphopt.feedback import Feedback
+    from graphopt.optimize import check_opset, optimize_model
+
+    _load_target_files(target_files)
+    tgt = targets.get(target)
+    budget = accuracy.Budget.parse(accuracy_budget)
+    feedback = Feedback(err_console, quiet=quiet)
+    proto, path, _ = _load(model, feedback, None, input_shapes, dims)
+    check_opset(proto, tgt)
+    name = Path(path).name if path else model[4:] + ".onnx"
+    plot_path = Path(plot_path) if plot_path else Path(Path(name).stem + ".quant.png")
+    for dest in [plot_path] + ([Path(json_path)] if json_path else []):
+        if not dest.parent.is_dir():
+            raise GraphoptError(f"cannot write {dest}: folder {dest.parent} does not exist")
+    data = _calibration_data(calibration_source, proto, feedback) if quantize == "int8" or calibration_source else None
+    options = {"calibration_method": calibration_method, "quantize_gate": False}
+    if data is not None:
+        from graphopt.calibration import default_cache_dir
+
+        options["calibration_cache"] = default_cache_dir()
+    with executors.create(ray_address) as executor, feedback.phase(f"measuring each layer of {name} ({quantize})"):
+        _, report = optimize_model(proto, target=target, opt_level=opt_level, options=options, source=model, calibration_data=data,
+                                   quantize=quantize, accuracy_budget=budget, executor=executor, progress=feedback.update, sensitivity=True)
+    q = report.quantization
+    if q is None:
+        raise GraphoptError(f"--quantize {quantize} has no layers to measure on {target}")
+    accuracy.plot(q, plot_path, f"{model} {quantize} on {tgt.full_name}")
+    if json_path:
+        _write_json(Path(json_path), q)
+    if not quiet:
+        _print_quantization(q, verbose=True)
+        console.print(f"wrote the per-layer plot [bold]{escape(str(plot_path))}[/bold]" + (f" and {escape(json_path)}" if json_path else ""))
 
 
 @cli.command()

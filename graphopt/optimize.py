@@ -162,6 +162,7 @@ def optimize_model(
     accuracy_budget: Any = None,
     executor: Any = None,
     progress: Any = None,
+    sensitivity: bool = False,
 ) -> tuple[ir.Model, Report]:
     """Optimize a model into graphopt's IR, ready for `export.save` (which streams it to disk).
 
@@ -228,7 +229,7 @@ def optimize_model(
     searched = None
     if quantization is not None:
         if accuracy_budget is not None and getattr(quantization.items[0], "layer_ops", None):
-            searched = _search(ctx, QUANTIZE_PASSES[quantize], accuracy_budget, executor, progress)
+            searched = _search(ctx, QUANTIZE_PASSES[quantize], accuracy_budget, executor, progress, sensitivity)
         records += PassManager(quantization).run(ctx)
     seconds = time.perf_counter() - start
     ctx.analyses.invalidate()
@@ -285,7 +286,7 @@ def _opset_for_per_channel(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str
     return converted, f"converted the model from opset {opset} to {PER_CHANNEL_QDQ_OPSET} for per-channel Q/DQ"
 
 
-def _search(ctx: PassContext, quantize_pass: str, budget, executor, progress):
+def _search(ctx: PassContext, quantize_pass: str, budget, executor, progress, sensitivity: bool):
     """The accuracy search on the optimized fp32 model; the context then quantizes exactly what it chose."""
     from graphopt import accuracy
 
@@ -293,7 +294,8 @@ def _search(ctx: PassContext, quantize_pass: str, budget, executor, progress):
     fp32 = export.to_proto(ctx.model)
     options = {k: v for k, v in ctx.options.items() if not k.startswith("_")}
     result = accuracy.search(fp32, quantize_pass, target=ctx.target.full_name, options=options,
-                             calibration_data=ctx.calibration_data, budget=budget, executor=executor, progress=progress)
+                             calibration_data=ctx.calibration_data, budget=budget, executor=executor, progress=progress,
+                             force_sensitivity=sensitivity)
     ctx.options["quantize_exclude"] = frozenset(result.kept_float)
     if result.statistics is not None:
         ctx.options["calibration_statistics"] = result.statistics

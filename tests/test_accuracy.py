@@ -206,3 +206,91 @@ def test_ray_search_decides_what_the_serial_search_decides():
     assert distributed.kept_float == serial.kept_float and distributed.evaluations == serial.evaluations
     assert [layer.alone for layer in distributed.layers] == [layer.alone for layer in serial.layers]
     assert distributed.final == serial.final
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+
+
+def _chain_files(tmp_path):
+    model = tmp_path / "chain.onnx"
+    onnx.save(_chain(), model)
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.random.default_rng(1).standard_normal((24, 8, 32)).astype(np.float32))
+    return model, cal
+
+
+def test_run_prints_the_layers_kept_float_and_reports_them(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    model, cal = _chain_files(tmp_path)
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(cli, ["run", str(model), "--quantize", "int8-dynamic", "--calibration", str(cal), "--accuracy-budget",
+                                      "cos=0.9999", "-o", str(out), "--report", str(report)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the console may be narrow: lines wrap anywhere
+    assert "1 kept float" in text and "w2_matmul" in text
+    q = json.loads(report.read_text())["quantization"]
+    assert "most sensitive of 3" in q["layers"][1]["why"]
+    assert q["kept_float"] == ["w2_matmul"] and {layer["node"] for layer in q["layers"]} == {"w1_matmul", "w2_matmul", "w3_matmul"}
+    assert [n.op_type for n in onnx.load(out).graph.node].count("DynamicQuantizeMatMul") == 2
+
+
+def test_run_with_ray_decides_like_the_serial_run(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import json
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    model, cal = _chain_files(tmp_path)
+    reports = {}
+    for how in ("serial", "ray"):
+        report = tmp_path / f"{how}.json"
+        extra = ["--ray", "local"] if how == "ray" else []
+        result = CliRunner().invoke(cli, ["run", str(model), "--quantize", "int8", "--calibration", str(cal), "--no-quantize-gate",
+                                          "--accuracy-budget", "cos=0.99", "-o", str(tmp_path / f"{how}.onnx"), "--report", str(report)] + extra)
+        assert result.exit_code == 0, result.output
+        reports[how] = json.loads(report.read_text())["quantization"]
+    assert reports["ray"]["executor"] == "ray" and reports["serial"]["executor"] == "serial"
+    assert reports["ray"]["kept_float"] == reports["serial"]["kept_float"] and reports["serial"]["kept_float"]
+    assert reports["ray"]["layers"] == reports["serial"]["layers"]
+
+
+def test_ray_without_quantize_is_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--ray", "local", "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "--ray runs the accuracy search of --quantize" in result.output
+
+
+def test_quantize_report_writes_the_plot_and_the_figures(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "cache"))
+    model, cal = _chain_files(tmp_path)
+    png, figures = tmp_path / "layers.png", tmp_path / "layers.json"
+    result = CliRunner().invoke(cli, ["quantize-report", str(model), "--calibration", str(cal), "--plot", str(png), "--json", str(figures)],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    q = json.loads(figures.read_text())
+    # Every layer measured alone, even those the budget did not need.
+    assert len(q["layers"]) == 3 and all(layer["alone"] is not None for layer in q["layers"])
+    text = " ".join(result.output.split())
+    assert "w3_matmul" in text and "SQNR" in text
+    bad = CliRunner().invoke(cli, ["quantize-report", str(model), "--calibration", str(cal), "--plot", str(tmp_path / "no" / "x.png")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output

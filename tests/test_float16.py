@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import graphopt.models as zoo
-import graphopt.passes.quantize.float16  # noqa: F401 - registers convert-fp16 / convert-bf16
+import graphopt.passes.quantize.float16  # noqa: F401
 from graphopt import loading, targets
 from graphopt.optimize import optimize
 from graphopt.pass_manager import PassContext, create_pass
@@ -341,3 +341,22 @@ def test_epsilon_and_mask_constants_keep_their_reader_fp32():
     assert record.stats["fp32_constant_range"] == 2
     assert types["eps"] == TensorProto.FLOAT and types["mask"] == TensorProto.FLOAT
     assert types[_node(converted, "mm").input[1]] == TensorProto.FLOAT16
+
+
+def test_run_quantize_fp16_on_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    # x86_64 computes fp16 no faster than fp32: the model stays fp32 and the report says why.
+    host = tmp_path / "host.onnx"
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--quantize", "fp16", "-o", str(host)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "declined" in result.output and all(t.data_type == onnx.TensorProto.FLOAT for t in onnx.load(host).graph.initializer)
+    # cuda does: the weights become fp16, the interface stays float32, and it still verifies.
+    gpu = tmp_path / "cuda.onnx"
+    result = CliRunner().invoke(cli, ["run", "zoo:digits_cnn", "--target", "cuda", "--quantize", "fp16", "-o", str(gpu)])
+    assert result.exit_code == 0, result.output
+    converted = onnx.load(gpu)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in converted.graph.initializer)
+    assert converted.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

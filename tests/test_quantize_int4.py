@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt.models as zoo
-import graphopt.passes.quantize.int4 as int4  # registers quantize-int4 until passes/quantize imports it
+import graphopt.passes.quantize.int4 as int4
 from graphopt import calibration
 from graphopt.errors import GraphoptError
 from graphopt.optimize import optimize
@@ -222,3 +222,17 @@ def test_bert_tiny_keeps_its_outputs(symmetric, block, with_data):
     feeds = [example_inputs(BERT_TINY, seed=100 + s) for s in range(6)]
     # Measured: min cosine 0.99995 (asymmetric, block 32), 0.9999 (symmetric, block 128).
     assert min(_cosines(proto, quantized, feeds)) > 0.999
+
+
+def test_run_quantize_int4_on_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from graphopt.cli import cli
+
+    out = tmp_path / "bert_int4.onnx"
+    result = CliRunner().invoke(cli, ["run", "zoo:bert_tiny", "--quantize", "int4", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(out)
+    weights = {t.name for t in model.graph.initializer}
+    assert [n.op_type for n in model.graph.node].count("MatMulNBits") == 12
+    assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # only activation x activation left

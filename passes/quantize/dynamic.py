@@ -14,38 +14,16 @@ import numpy as np
 
 from graphopt.calibration import weight_int8
 from graphopt.pass_manager import register_pass
+from graphopt.passes.quantize.matmul_weights import bias_fits, bias_follows, matmul, matmul_bias, weight_ok
 from graphopt.patterns import Match, RewritePass, Rule
 
 
-def matmul_bias(op, x, w, b):
-    return op.Add(op.MatMul(x, w), b)
-
-
-def matmul(op, x, w):
-    return op.MatMul(x, w)
-
-
-def _weight_ok(m: Match) -> bool:
-    w = m.value("w")
-    return not m.excluded() and w is not None and w.dtype == np.float32 and w.ndim == 2 and m.dtype("x") == np.float32
-
-
 def bias_applies(m: Match) -> bool:
-    b = m.value("b")
-    return _weight_ok(m) and b is not None and b.dtype == np.float32 and b.shape == (m.value("w").shape[1],)
+    return weight_ok(m) and bias_fits(m)
 
 
 def plain_applies(m: Match) -> bool:
-    if not _weight_ok(m):
-        return False
-    # A bias Add after it is matmul_bias's to take (it runs later in the worklist, rooted at the Add).
-    readers = m.node("MatMul").outputs[0].outputs
-    if len(readers) == 1 and readers[0].op == "Add":
-        other = [t for t in readers[0].inputs if t is not m.node("MatMul").outputs[0]]
-        value = None if not other else getattr(other[0], "values", None)
-        if value is not None and np.asarray(value).shape == (m.value("w").shape[1],):
-            return False
-    return True
+    return weight_ok(m) and not bias_follows(m)
 
 
 def _quantized(op, m: Match, bias):
