@@ -11,11 +11,15 @@ rapidocr does ([-1, 1], 48 x 320). Output: CTC greedy decoding (argmax, repeats 
 against the model's own character list (its metadata), then character accuracy = 1 - edit distance
 / length, and exact-word accuracy. Calibration words and evaluation words are disjoint draws.
 
-Variants: fp32 (graphopt -O3), graphopt `--quantize int8` (static, percentile), graphopt
-`--quantize int8-dynamic`, onnxruntime `quantize_static` (QDQ, per-channel, percentile, only Conv
-and MatMul: its best configuration in ../shared/notes/quantization-peers.md) and
-`quantize_dynamic` (int8 per-channel), all on x86_64; latency at ORT_ENABLE_ALL, 1 thread,
-interleaved in shuffled order, median ratio to fp32.
+Variants: fp32 (graphopt -O3, of the released opset-11 model converted to opset 13 and specialized
+to 1 x 320), graphopt `--quantize int8` (static, percentile), graphopt `--quantize int8-dynamic`
+(both on that converted model, with the accuracy search when `--budget` is given), onnxruntime
+`quantize_static` (QDQ, per-channel, percentile, only Conv and MatMul: its best configuration in
+../shared/notes/quantization-peers.md), `quantize_dynamic` (int8 per-channel) and NNCF
+(`nncf.quantize`, model_type TRANSFORMER: its best preset on the recognizer in the notes; --no-nncf
+leaves it out), the peers on the fp32 variant's file; all on x86_64; latency at ORT_ENABLE_ALL, 1
+thread, interleaved in shuffled order, median ratio to fp32. A peer that raises is shown as
+"failed: <first line>". `measure()` is the whole measurement, for benchmarks/quantize.py's table.
 """
 
 from __future__ import annotations
@@ -41,9 +45,7 @@ if str(ROOT) not in sys.path:
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from graphopt import calibration, export  # noqa: E402
-from benchmarks.quantize import interleaved, ort_calibration_reader  # noqa: E402
-from graphopt.optimize import optimize_model  # noqa: E402
+from benchmarks.quantize import interleaved  # noqa: E402
 
 console = Console(width=150)
 FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
@@ -51,7 +53,11 @@ HEIGHT, WIDTH = 48, 320
 
 
 def words(count: int, seed: int) -> list[str]:
-    import this
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen
+        import this
 
     vocabulary = sorted({w.strip(".,!*-'") for w in codecs.decode(this.s, "rot13").split()} - {""})
     rng = random.Random(seed)
@@ -113,66 +119,89 @@ def scores(session, x, texts, characters) -> tuple[float, float]:
     return 1 - errors / length, exact / len(texts)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration", type=int, default=64)
-    parser.add_argument("--eval", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")
+class Unavailable(Exception):
+    """The recognizer cannot be loaded here (rapidocr not installed)."""
+
+
+def measure(calibration_count: int = 64, evaluation: int = 200, rounds: int = 30, *, nncf: bool = True, budget: str | None = None) -> dict[str, dict]:
+    """{variant: {"from", "char_accuracy", "word_accuracy", "median_ms", "ratio", "min_ratio", and for
+    graphopt's quantized variants with a `budget` "kept_float", "layers", ...}}, or {"from", "failed"}
+    for a peer that raised. "from" is the model the tool quantized: "original" (the released model,
+    specialized to 1 x 320 and converted to opset 13) or "graphopt fp32" (the fp32 variant's file).
+    budget: graphopt's accuracy budget ("cos=0.99"; None: no search)."""
+    from benchmarks.quantize import graphopt_variant, nncf_quantize, ort_quantize_dynamic, ort_quantize_static, sessions_for, try_peer
     from tests.real_models import zoo
 
-    original = zoo.load("rapidocr_rec").model
+    try:
+        original = zoo.load("rapidocr_rec").model
+    except zoo.ModelUnavailable as missing:
+        raise Unavailable(str(missing)) from None
     characters = ["<blank>"] + next(p.value for p in original.metadata_props if p.key == "character").split("\n") + [" "]
-    calib_x, _ = dataset(args.calibration, seed=1)
-    eval_x, eval_texts = dataset(args.eval, seed=2)
-    folder = Path(tempfile.mkdtemp(prefix="graphopt-ocr-"))
+    calib_x, _ = dataset(calibration_count, seed=1)
+    eval_x, eval_texts = dataset(evaluation, seed=2)
     from graphopt.specialize import specialize_proto
 
     specialize_proto(original, dims={"DynamicDimension.0": 1, "DynamicDimension.1": WIDTH})
     # The released model is opset 11; per-channel Q/DQ needs 13. graphopt's --quantize int8 converts
     # by itself, onnxruntime's quantizers do not, and fp32 must be the same graph: convert up front.
     original = onnx.version_converter.convert_version(original, 13)
-    paths = {}
-    for variant, quantize in (("fp32", None), ("graphopt int8", "int8"), ("graphopt int8-dynamic", "int8-dynamic")):
-        work = onnx.ModelProto()
-        work.CopyFrom(original)
-        data = calibration.from_arrays({"x": calib_x}, original) if quantize == "int8" else None
-        model, _ = optimize_model(work, target="x86_64", opt_level=3, quantize=quantize, calibration_data=data,
-                                  options={"calibration_method": "percentile", "quantize_gate": False})
-        paths[variant] = folder / f"{variant.replace(' ', '_')}.onnx"
-        export.save(model, paths[variant])
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    folder = Path(tempfile.mkdtemp(prefix="graphopt-ocr-"))
+    calib = {"x": calib_x}
+    paths, failures, info = {}, {}, {}
+    source = {"fp32": "original", "graphopt int8": "original", "graphopt int8-dynamic": "original"}
+    paths["fp32"], _ = graphopt_variant(original, None, None, folder, "fp32", opt_level=3, budget=None)
+    for quantize in ("int8", "int8-dynamic"):
+        label = f"graphopt {quantize}"
 
-    try:
-        quantize_static(str(paths["fp32"]), str(folder / "ort_static.onnx"), ort_calibration_reader("x", calib_x), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul"],
-                        calibrate_method=CalibrationMethod.Percentile)
-        paths["ort quantize_static (Conv+MatMul, percentile)"] = folder / "ort_static.onnx"
-    except Exception as exc:  # noqa: BLE001 - a peer failing is a result
-        console.print(f"ort quantize_static failed: {str(exc).splitlines()[0]}")
-    try:
-        quantize_dynamic(str(paths["fp32"]), str(folder / "ort_dynamic.onnx"), weight_type=QuantType.QInt8, per_channel=True)
-        paths["ort quantize_dynamic (s8 per-channel)"] = folder / "ort_dynamic.onnx"
-    except Exception as exc:  # noqa: BLE001
-        console.print(f"ort quantize_dynamic failed: {str(exc).splitlines()[0]}")
-    sessions = {}
-    for variant, path in paths.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.log_severity_level = 3
-        sessions[variant] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    records = {v: dict(zip(("char_accuracy", "word_accuracy"), scores(s, eval_x, eval_texts, characters))) for v, s in sessions.items()}
-    feed = {"x": eval_x[:1]}
-    for v, e in interleaved(sessions, feed, args.rounds).items():
+        def ours(quantize=quantize, label=label):
+            path, info[label] = graphopt_variant(original, quantize, calib, folder, label, opt_level=3, budget=budget)
+            return path
+
+        try_peer(paths, failures, label, ours)
+    from onnxruntime.quantization import CalibrationMethod
+
+    peers = {
+        "ort quantize_static (Conv+MatMul, percentile)": lambda: ort_quantize_static(
+            paths["fp32"], calib, folder / "ort_static.onnx", op_types_to_quantize=["Conv", "MatMul"], calibrate_method=CalibrationMethod.Percentile),
+        "ort quantize_dynamic (s8 per-channel)": lambda: ort_quantize_dynamic(paths["fp32"], folder / "ort_dynamic.onnx"),
+    }
+    if nncf:
+        peers["nncf (transformer)"] = lambda: nncf_quantize(paths["fp32"], calib, folder / "nncf.onnx", transformer=True)
+    for variant, build in peers.items():
+        source[variant] = "graphopt fp32"
+        try_peer(paths, failures, variant, build)
+    sessions = sessions_for(paths, failures)
+    records = {v: {"from": source[v], **dict(zip(("char_accuracy", "word_accuracy"), scores(s, eval_x, eval_texts, characters))), **info.get(v, {})}
+               for v, s in sessions.items()}
+    for v, e in interleaved(sessions, {"x": eval_x[:1]}, rounds).items():
         records[v].update(e)
+    for v, why in failures.items():
+        records[v] = {"from": source[v], "failed": why}
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--budget", default=None, help="graphopt's accuracy budget for its quantized variants (cos=0.99; default: no search)")
+    parser.add_argument("--no-nncf", dest="nncf", action="store_false", help="leave NNCF out")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    records = measure(args.calibration, args.eval, args.rounds, nncf=args.nncf, budget=args.budget)
     table = Table(title=f"PP-OCRv6 recognizer, {args.eval} rendered words ({args.calibration} for calibration), onnxruntime {ort.__version__}, 1 thread",
                   title_justify="left")
-    for col in ("variant", "char accuracy", "word accuracy", "latency", "vs fp32 (median, min)"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
+    for col in ("variant", "from", "char accuracy", "word accuracy", "latency", "vs fp32 (median, min)", "kept float"):
+        table.add_column(col, justify="left" if col in ("variant", "from") else "right")
     for v, r in records.items():
-        table.add_row(v, f"{r['char_accuracy']:.4f}", f"{r['word_accuracy']:.3f}", f"{r['median_ms']:.2f} ms", f"{r['ratio']:.3f}, {r['min_ratio']:.3f}")
+        if "failed" in r:
+            table.add_row(v, r["from"], r["failed"], "", "", "", "")
+            continue
+        kept = f"{r['kept_float']}/{r['layers']}" if "kept_float" in r else "-"
+        table.add_row(v, r["from"], f"{r['char_accuracy']:.4f}", f"{r['word_accuracy']:.3f}", f"{r['median_ms']:.2f} ms",
+                      f"{r['ratio']:.3f}, {r['min_ratio']:.3f}", kept)
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))

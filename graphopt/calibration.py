@@ -954,25 +954,43 @@ def activation_int8(lo: float, hi: float, signedness: str) -> tuple[np.ndarray, 
     return np.array(max(max(-lo, hi) / 127.0, 1e-12), np.float32), np.array(0, np.int8)
 
 
-def channel_mean_squares(
+@dataclass(frozen=True)
+class ChannelStatistics:
+    """One tensor's values per index of a channel axis, over every other axis and every batch (float64)."""
+
+    mean: np.ndarray
+    mean_square: np.ndarray
+    abs_max: np.ndarray
+    # Up to `rows` of the tensor's rows ([n, channels], float32), spread over the batches: what a
+    # rewrite can try its quantization error on without running the model again.
+    rows: np.ndarray | None = None
+
+
+def channel_statistics(
     model: onnx.ModelProto | str,
     data: CalibrationData,
     tensors: Sequence[str],
     *,
     axis: int = -1,
     threads: int = 2,
-) -> dict[str, np.ndarray]:
-    """E[x^2] of each tensor per index of `axis` (an input channel of the MatMul that reads it),
-    averaged over every other axis and every batch: float64, shape [tensor.shape[axis]].
+    rows: int = 0,
+) -> dict[str, ChannelStatistics]:
+    """Per-channel mean, E[x^2] and max |x| of each tensor along `axis` (the input channel of the
+    op that reads it), shape [tensor.shape[axis]].
 
     One onnxruntime pass like `collect`'s, with running sums only, so memory is the channels, not
-    the samples. Data-aware weight quantization weighs each weight row's error by it: a channel
-    whose activations are 10x larger makes its weights' rounding error 100x costlier. Sentinels
-    (see the module docstring) are left out of the sums and the counts."""
+    the samples. Data-aware weight quantization weighs each weight row's error by E[x^2] (a
+    channel whose activations are 10x larger makes its weights' rounding error 100x costlier);
+    smoothing balances max |x| against the weights'; bias correction needs the mean. Sentinels
+    (see the module docstring) are left out of the sums, the maxima and the counts."""
     proto = _load_model(model)
     names = _check_tensors(proto, tensors)
     sums: dict[str, np.ndarray] = {}
+    squares: dict[str, np.ndarray] = {}
+    maxima: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
+    kept_rows: dict[str, list[np.ndarray]] = {}
+    rows_per_batch = -(-rows // max(1, len(data))) if rows else 0
     fed = set(data.inputs)
     fetched = [n for n in names if n not in fed]
     sess = verify._session(_augmented(proto, names), threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL) if fetched else None
@@ -990,7 +1008,14 @@ def channel_mean_squares(
             flat = np.where(kept, flat, 0.0)
             if name in sums and sums[name].shape[0] != flat.shape[1]:
                 raise GraphoptError(f"tensor '{name}' has {flat.shape[1]} channels on axis {axis} in batch {done}, {sums[name].shape[0]} before")
-            sums[name] = sums.get(name, 0.0) + np.einsum("ij,ij->j", flat, flat)
+            sums[name] = sums.get(name, 0.0) + flat.sum(axis=0)
+            squares[name] = squares.get(name, 0.0) + np.einsum("ij,ij->j", flat, flat)
+            maxima[name] = np.maximum(maxima.get(name, 0.0), np.abs(flat).max(axis=0, initial=0.0))
             counts[name] = counts.get(name, 0) + kept.sum(axis=0)
+            if rows_per_batch:
+                step = max(1, flat.shape[0] // rows_per_batch)
+                kept_rows.setdefault(name, []).append(flat[::step][:rows_per_batch].astype(np.float32))
         del values
-    return {name: sums[name] / np.maximum(counts[name], 1) for name in names if name in sums}
+    return {name: ChannelStatistics(sums[name] / np.maximum(counts[name], 1), squares[name] / np.maximum(counts[name], 1), maxima[name],
+                                    np.concatenate(kept_rows[name])[:rows] if name in kept_rows else None)
+            for name in names if name in sums}

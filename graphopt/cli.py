@@ -181,6 +181,8 @@ def _load_target_files(paths) -> None:
 @click.option("--accuracy-budget", default="cos=0.99", show_default=True,
               help="With --quantize: cos=MIN (least cosine of an output to the original's), rel=MAX (largest relative error) or top1=MAX (share of argmax positions that differ). Layers that would break it stay float; verification judges by it instead of --rtol/--atol.")
 @click.option("--ray", "ray_address", metavar="ADDRESS", help="Run the accuracy search's evaluations on Ray: a cluster address, auto (a running cluster) or local (start one here).")
+@click.option("--smooth/--no-smooth", default=True, show_default=True,
+              help="With --quantize int8|int8-dynamic and calibration data: move outlier activation channels into the weights (SmoothQuant-style) where that measures a smaller error.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each changing pass into this folder.")
 @click.option("--fold-input-defaults", is_flag=True, help="Treat initializers that are also graph inputs as constants (they are overridable defaults).")
 @click.option("--fold-size-limit", type=int, default=None, help="Largest folded constant in bytes (default 1 MiB).")
@@ -188,7 +190,7 @@ def _load_target_files(paths) -> None:
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
 def run(model, target, target_files, opt_level, output, artifact_format, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
-        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, dump_ir, fold_input_defaults, fold_size_limit,
+        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, smooth, dump_ir, fold_input_defaults, fold_size_limit,
         input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
@@ -265,7 +267,7 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
     if quantize:
         from graphopt.calibration import default_cache_dir
 
-        options.update(calibration_method=calibration_method, calibration_cache=default_cache_dir(), quantize_gate=quantize_gate)
+        options.update(calibration_method=calibration_method, calibration_cache=default_cache_dir(), quantize_gate=quantize_gate, smooth=smooth)
     from graphopt import executor as executors
 
     with executors.create(ray_address) as executor, feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):

@@ -88,6 +88,10 @@ QUANTIZE_PASSES = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynam
                    "fp16": "convert-fp16", "bf16": "convert-bf16"}
 
 
+# Quantizations whose per-tensor activation scales smoothing helps (passes/quantize/smooth.py).
+SMOOTHED = ("int8", "int8-dynamic")
+
+
 def final_decisions(decisions):
     """A pass's cost decisions, the last one per (rule, node): a fixed-point group asks again each iteration."""
     last = {}
@@ -227,6 +231,9 @@ def optimize_model(
     start = time.perf_counter()
     records = PassManager(pipeline).run(ctx)
     searched = None
+    if quantization is not None and quantize in SMOOTHED and calibration_data is not None and ctx.options.get("smooth", True):
+        # Exact, so before the search: every candidate it measures starts from the smoothed model.
+        records += PassManager(create_pass("smooth-activations")).run(ctx)
     if quantization is not None:
         if accuracy_budget is not None and getattr(quantization.items[0], "layer_ops", None):
             searched = _search(ctx, QUANTIZE_PASSES[quantize], accuracy_budget, executor, progress, sensitivity)

@@ -156,15 +156,19 @@ def _with_output(model, name):
     return out
 
 
-def test_channel_mean_squares_streams_per_channel_statistics():
+def test_channel_statistics_stream_per_channel():
     k = 40
     model = _linear(k, 16, layers=2)
-    x = np.random.default_rng(3).normal(size=(10, S, k)).astype(np.float32) * np.arange(k, dtype=np.float32)
+    x = (np.random.default_rng(3).normal(size=(10, S, k)) + 0.5).astype(np.float32) * np.arange(k, dtype=np.float32)
     data = calibration.from_arrays({"x": x}, model, batch_size=1)
-    stats = calibration.channel_mean_squares(model, data, ["x", "y0"])
-    np.testing.assert_allclose(stats["x"], (x.astype(np.float64) ** 2).mean(axis=(0, 1)), rtol=1e-6)
-    hidden = np.concatenate([_run(_with_output(model, "y0"), x[i : i + 1]) for i in range(10)])
-    np.testing.assert_allclose(stats["y0"], (hidden.astype(np.float64) ** 2).mean(axis=(0, 1)), rtol=1e-5)
+    stats = calibration.channel_statistics(model, data, ["x", "y0"])
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(stats["x"].mean_square, (x64**2).mean(axis=(0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(stats["x"].mean, x64.mean(axis=(0, 1)), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats["x"].abs_max, np.abs(x64).max(axis=(0, 1)), rtol=1e-6)
+    hidden = np.concatenate([_run(_with_output(model, "y0"), x[i : i + 1]) for i in range(10)]).astype(np.float64)
+    np.testing.assert_allclose(stats["y0"].mean_square, (hidden**2).mean(axis=(0, 1)), rtol=1e-5)
+    np.testing.assert_allclose(stats["y0"].abs_max, np.abs(hidden).max(axis=(0, 1)), rtol=1e-5)
 
 
 def test_excluded_nodes_stay_float():

@@ -1,3 +1,3 @@
 """Quantization passes: Q/DQ insertion calibrated on real data (graphopt.calibration)."""
 
-from graphopt.passes.quantize import dynamic, float16, int4, static  # noqa: F401
+from graphopt.passes.quantize import dynamic, float16, int4, smooth, static  # noqa: F401

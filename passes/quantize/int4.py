@@ -203,8 +203,9 @@ class QuantizeInt4(RewritePass):
             if names:
                 from graphopt import calibration, export
 
-                ctx.options[_MEAN_SQUARES] = calibration.channel_mean_squares(
-                    export.to_proto(ctx.model), ctx.calibration_data, names, threads=ctx.options.get("threads") or 2)
+                measured = calibration.channel_statistics(export.to_proto(ctx.model), ctx.calibration_data, names,
+                                                          threads=ctx.options.get("threads") or 2)
+                ctx.options[_MEAN_SQUARES] = {name: m.mean_square for name, m in measured.items()}
         try:
             return super().run(graph, ctx)
         finally:

@@ -1,0 +1,114 @@
+"""smooth-activations (passes/quantize/smooth.py): exact in float, applied only where it lowers the
+quantized error, and what makes a transformer-like layer quantize well."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import calibration, export, verify
+from graphopt.optimize import optimize_model
+
+K, N = 64, 32
+
+
+def _model(first: str, outlier: float = 60.0) -> onnx.ModelProto:
+    """x -> (LayerNormalization | Relu) -> MatMul w -> y, where channel 3 of the activation the
+    MatMul reads is `outlier` times the others (LayerNorm: through its scale; Relu: through x)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((K, N)) / 8).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")]
+    if first == "layernorm":
+        gamma = np.ones(K, np.float32)
+        gamma[3] = outlier
+        inits += [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(np.full(K, 0.1, np.float32), "beta")]
+        head = helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="norm", axis=-1)
+    else:
+        head = helper.make_node("Relu", ["x"], ["h"], name="relu")
+    graph = helper.make_graph(
+        [head, helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")], "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, K])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, N])],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _inputs(first: str, n: int = 12, outlier: float = 60.0, seed: int = 1) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, 16, K)).astype(np.float32)
+    if first == "relu":
+        x[..., 3] = np.abs(x[..., 3]) * outlier
+    return x
+
+
+def _smoothed(proto, x):
+    data = calibration.from_arrays({"x": x}, proto)
+    model, report = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["smooth-activations"], calibration_data=data)
+    record = next(r for r in report.passes if r.name == "smooth-activations")
+    return export.to_proto(model), record.stats
+
+
+@pytest.mark.parametrize("first, where", [("layernorm", "into_layernorm"), ("relu", "with_mul")])
+def test_smoothing_is_exact_in_float_and_goes_where_it_can(first, where):
+    proto = _model(first)
+    x = _inputs(first)
+    smoothed, stats = _smoothed(proto, x)
+    assert stats.get(where) == 1, stats
+    ops = [n.op_type for n in smoothed.graph.node]
+    assert ops.count("Mul") == (1 if where == "with_mul" else 0)
+    for i in range(3):
+        feed = {"x": x[i : i + 1]}
+        np.testing.assert_allclose(verify.run(smoothed, feed)["y"], verify.run(proto, feed)["y"], rtol=1e-4, atol=1e-4)
+
+
+def _dynamic_error(proto, x) -> float:
+    model, _ = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["quantize-int8-dynamic"])
+    quantized = export.to_proto(model)
+    errors = []
+    for i in range(len(x)):
+        feed = {"x": x[i : i + 1]}
+        y0, y = verify.run(proto, feed)["y"], verify.run(quantized, feed)["y"]
+        errors.append(np.linalg.norm(y - y0) / np.linalg.norm(y0))
+    return float(np.mean(errors))
+
+
+@pytest.mark.parametrize("first", ["layernorm", "relu"])
+def test_smoothing_lowers_the_dynamic_int8_error(first):
+    proto = _model(first)
+    x = _inputs(first)
+    smoothed, _ = _smoothed(proto, x[:8])
+    held_out = _inputs(first, n=6, seed=7)
+    before, after = _dynamic_error(proto, held_out), _dynamic_error(smoothed, held_out)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_even_channels_are_left_alone():
+    proto = _model("relu")
+    x = np.abs(np.random.default_rng(2).standard_normal((8, 16, K))).astype(np.float32)  # no outlier channel
+    smoothed, stats = _smoothed(proto, x)
+    assert not stats and [n.op_type for n in smoothed.graph.node] == ["Relu", "MatMul"]
+
+
+def test_without_data_nothing_changes():
+    proto = _model("layernorm")
+    model, report = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["smooth-activations"])
+    assert not next(r for r in report.passes if r.name == "smooth-activations").changed
+
+
+def test_excluded_matmul_is_not_smoothed():
+    proto = _model("relu")
+    data = calibration.from_arrays({"x": _inputs("relu")}, proto)
+    model, _ = optimize_model(proto, passes=["smooth-activations"], calibration_data=data, options={"quantize_exclude": {"proj"}})
+    assert [n.op for n in model.graph.nodes] == ["Relu", "MatMul"]
+
+
+def test_quantize_int8_dynamic_smooths_first_when_it_has_data():
+    proto = _model("relu")
+    data = calibration.from_arrays({"x": _inputs("relu", n=24)}, proto)
+    model, report = optimize_model(onnx.load_from_string(proto.SerializeToString()), quantize="int8-dynamic", calibration_data=data,
+                                   accuracy_budget="cos=0.9")
+    assert [r.name for r in report.passes if r.changed][:1] == ["smooth-activations"]
+    assert [n.op for n in model.graph.nodes] == ["Relu", "Mul", "DynamicQuantizeMatMul"]
+    _, plain = optimize_model(onnx.load_from_string(proto.SerializeToString()), quantize="int8-dynamic", calibration_data=data,
+                              accuracy_budget="cos=0.9", options={"smooth": False})
+    assert "smooth-activations" not in [r.name for r in plain.passes]
