@@ -183,6 +183,18 @@ class Job:
     reference: list[dict]
     budget: Budget
     calibration_data: Any = None
+    # Types graphopt's analysis knew in the optimized graph that its export leaves out (dims only
+    # onnx's inference could name: unk__N) and a reloaded model's inference cannot find again
+    # behind com.microsoft ops; rules that check a dtype or rank need them. {name: (dtype, shape)}
+    shapes: dict[str, tuple] = field(default_factory=dict)
+
+
+def known_shapes(model) -> dict[str, tuple]:
+    """{tensor name: (dtype, shape)} of every variable of the IR model's main graph with a known type."""
+    import onnx_graphsurgeon as gs
+
+    return {t.name: (t.dtype, None if t.shape is None else list(t.shape)) for t in model.graph.tensors().values()
+            if isinstance(t, gs.Variable) and t.dtype is not None}
 
 
 def quantized(job: Job, keep_float: tuple[str, ...] | frozenset[str] = ()) -> onnx.ModelProto:
@@ -191,6 +203,11 @@ def quantized(job: Job, keep_float: tuple[str, ...] | frozenset[str] = ()) -> on
     from graphopt.pass_manager import PassContext, PassManager, Sequential, create_pass
 
     model = loading.from_proto(onnx.load_from_string(job.model))
+    for name, t in model.graph.tensors().items():
+        if name in job.shapes and not hasattr(t, "values"):
+            dtype, shape = job.shapes[name]
+            t.dtype = t.dtype if t.dtype is not None else dtype
+            t.shape = t.shape if t.shape is not None or shape is None else list(shape)
     options = dict(job.options, quantize_exclude=frozenset(keep_float), quantize_gate=False)
     ctx = PassContext(model=model, target=targets.get(job.target), options=options, calibration_data=job.calibration_data)
     PassManager(Sequential([create_pass(job.quantize_pass), create_pass("dce")])).run(ctx)
@@ -328,6 +345,7 @@ def search(
     budget: Budget,
     executor=None,
     force_sensitivity: bool = False,
+    shapes: dict[str, tuple] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Which of `quantize_pass`'s layers to keep float so that the quantized `fp32` meets `budget`."""
@@ -344,7 +362,7 @@ def search(
         # Once for every candidate: each quantizes a subset of the same tensors.
         say("collecting activation statistics")
         options["calibration_statistics"] = calibration.collect(fp32, calibrate_on, cache_dir=options.get("calibration_cache"))
-    job = Job(fp32.SerializeToString(), quantize_pass, target, options, feeds, run_all(fp32, feeds), budget, calibrate_on)
+    job = Job(fp32.SerializeToString(), quantize_pass, target, options, feeds, run_all(fp32, feeds), budget, calibrate_on, shapes or {})
     everything = quantized(job)
     full = budget.measure(job.reference, run_all(everything, feeds))
     found = [Layer(name, op) for name, op in layers(fp32, everything, pass_type.layer_ops)]

@@ -302,7 +302,7 @@ def _search(ctx: PassContext, quantize_pass: str, budget, executor, progress, se
     options = {k: v for k, v in ctx.options.items() if not k.startswith("_")}
     result = accuracy.search(fp32, quantize_pass, target=ctx.target.full_name, options=options,
                              calibration_data=ctx.calibration_data, budget=budget, executor=executor, progress=progress,
-                             force_sensitivity=sensitivity)
+                             force_sensitivity=sensitivity, shapes=accuracy.known_shapes(ctx.model))
     ctx.options["quantize_exclude"] = frozenset(result.kept_float)
     if result.statistics is not None:
         ctx.options["calibration_statistics"] = result.statistics

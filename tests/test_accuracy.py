@@ -296,3 +296,17 @@ def test_quantize_report_writes_the_plot_and_the_figures(tmp_path, monkeypatch):
     assert "w3_matmul" in text and "SQNR" in text
     bad = CliRunner().invoke(cli, ["quantize-report", str(model), "--calibration", str(cal), "--plot", str(tmp_path / "no" / "x.png")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_candidates_keep_shapes_the_export_leaves_out():
+    # A MatMul behind a com.microsoft op: a reloaded model's shape inference cannot say its input's
+    # rank, which int4's rule needs; the search hands over what the optimized graph knew.
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Gelu", ["x"], ["g"], name="gelu", domain="com.microsoft"), helper.make_node("MatMul", ["g", "w"], ["y"], name="proj")],
+        "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    job = accuracy.Job(proto.SerializeToString(), "quantize-int4", "x86_64", {}, [], [], Budget.parse("cos=0.9"))
+    assert [n.op_type for n in accuracy.quantized(job).graph.node] == ["Gelu", "MatMul"]  # rank unknown: declined
+    job.shapes = {"g": (np.float32, ["batch", 8, 64])}
+    assert [n.op_type for n in accuracy.quantized(job).graph.node] == ["Gelu", "MatMulNBits"]
