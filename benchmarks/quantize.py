@@ -284,9 +284,38 @@ def bench_cnn(name: str, args) -> dict:
             record["variants"][v] = entry
         for v, e in interleaved(sessions, {input_name: evaluation[:1]}, args.rounds).items():
             record["variants"][v].update(e)
+        if args.openvino:
+            _openvino_rows(record, paths, failures, input_name, evaluation, reference, labels, args)
     for v, why in failures.items():
         record["variants"][v] = {"from": source.get(v, "?"), "failed": why}
     return record
+
+
+# The files OpenVINO runs (part 7: graphopt's QDQ must be portable, and there no slower than NNCF's
+# INT8 at no lower accuracy): OpenVINO's own fp32 is the baseline of these rows.
+OPENVINO_FILES = {"openvino fp32": "fp32", "openvino graphopt int8": "graphopt int8", "openvino nncf": "nncf"}
+
+
+def _openvino_rows(record, paths, failures, input_name, evaluation, reference, labels, args) -> None:
+    from benchmarks.fusion import _OpenVINO
+
+    runners = {}
+    for variant, file in OPENVINO_FILES.items():
+        if file in paths:
+            try_peer(runners, failures, variant, lambda file=file: _OpenVINO(paths[file], 1))
+    if "openvino fp32" not in runners:
+        return
+    for v, runner in runners.items():
+        out = np.concatenate([runner.run(None, {input_name: evaluation[i : i + 1]})[0] for i in range(len(evaluation))])
+        b = out.reshape(len(evaluation), -1)
+        entry = {"from": f"{OPENVINO_FILES[v]} file", "min_cosine": float(np.min(cosines(reference, b))),
+                 "top1_agreement": float(np.mean(reference.argmax(1) == b.argmax(1)))}
+        if labels is not None:
+            entry["accuracy"] = float(np.mean(b.argmax(1) == labels))
+        record["variants"][v] = entry
+    timed = {("fp32" if v == "openvino fp32" else v): r for v, r in runners.items()}
+    for v, e in interleaved(timed, {input_name: evaluation[:1]}, args.rounds).items():
+        record["variants"]["openvino fp32" if v == "fp32" else v].update(e)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -443,6 +472,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure here (rewritten after each model)")
     parser.add_argument("--quick", action="store_true", help="few calibration and evaluation samples, 3 rounds: a smoke run")
     parser.add_argument("--no-nncf", dest="nncf", action="store_false", help="leave NNCF out")
+    parser.add_argument("--no-openvino", dest="openvino", action="store_false",
+                        help="leave out the CNNs' OpenVINO rows (fp32, graphopt int8 and NNCF run by OpenVINO, ratios vs OpenVINO fp32)")
     parser.add_argument("--budget", default="cos=0.99", help="graphopt's accuracy budget for its quantized variants ('none': no search)")
     args = parser.parse_args(argv)
     if args.rounds is None:
