@@ -35,6 +35,16 @@ def normalize_domain(domain: str | None) -> str:
 
 
 @functools.cache
+def _kernel_defs() -> tuple | None:
+    try:
+        from onnxruntime.capi import _pybind_state as C
+
+        return tuple(C.get_all_opkernel_def())
+    except Exception:  # noqa: BLE001 - no API (or a provider that failed to load): nothing probed
+        return None
+
+
+@functools.cache
 def kernel_table() -> KernelTable | None:
     """Every kernel the installed onnxruntime registers, by provider, domain and op; probed once.
 
@@ -42,11 +52,8 @@ def kernel_table() -> KernelTable | None:
     onnxruntime_PYBIND_EXPORT_OPSCHEMA): then nothing outside the ONNX standard is emitted, and a
     standard op is trusted to run when its opset does (`onnxruntime_max_opset`).
     """
-    try:
-        from onnxruntime.capi import _pybind_state as C
-
-        defs = C.get_all_opkernel_def()
-    except Exception:  # noqa: BLE001 - no API (or a provider that failed to load): nothing probed
+    defs = _kernel_defs()
+    if defs is None:
         return None
     table: dict[str, dict[str, dict[str, set[tuple[int, int]]]]] = {}
     for k in defs:
@@ -56,6 +63,38 @@ def kernel_table() -> KernelTable | None:
         provider: {domain: {op: tuple(sorted(r)) for op, r in ops.items()} for domain, ops in domains.items()}
         for provider, domains in table.items()
     }
+
+
+@functools.cache
+def typed_kernel_table() -> dict | None:
+    """provider -> domain -> op -> [((start, end), {type var: allowed type strings})], or None:
+    the same kernels as `kernel_table` with the types each accepts (which dtype a pass may give it)."""
+    defs = _kernel_defs()
+    if defs is None:
+        return None
+    table: dict = {}
+    for k in defs:
+        entry = (tuple(k.version_range), {name: frozenset(types) for name, types in k.type_constraints.items()})
+        table.setdefault(k.provider, {}).setdefault(normalize_domain(k.domain), {}).setdefault(k.op_name, []).append(entry)
+    return table
+
+
+@functools.cache
+def runtime_schemas() -> dict:
+    """(domain, op) -> the installed onnxruntime's schemas of it, oldest first: its contrib domains'
+    ops (com.microsoft, ...), which onnx.defs does not know. Empty for a build without schemas."""
+    try:
+        from onnxruntime.capi import _pybind_state as C
+
+        schemas = C.get_all_operator_schema()
+    except Exception:  # noqa: BLE001 - a build without schemas: contrib ops are unknown
+        return {}
+    found: dict = {}
+    for s in schemas:
+        found.setdefault((s.domain, s.name), []).append(s)
+    for versions in found.values():
+        versions.sort(key=lambda s: s.since_version)
+    return found
 
 
 def probed_providers() -> frozenset[str]:

@@ -155,7 +155,8 @@ def test_without_the_kernel_def_api_the_probe_reports_nothing(monkeypatch):
     from onnxruntime.capi import _pybind_state
 
     monkeypatch.delattr(_pybind_state, "get_all_opkernel_def")
-    assert caps.kernel_table.__wrapped__() is None
+    monkeypatch.setattr(caps, "_kernel_defs", caps._kernel_defs.__wrapped__)  # probe again, uncached
+    assert caps.kernel_table.__wrapped__() is None and caps.typed_kernel_table.__wrapped__() is None
 
 
 def test_the_probe_is_cached_and_fast(monkeypatch):

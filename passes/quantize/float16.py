@@ -96,45 +96,6 @@ _INT_MAX = 2**31 - 1
 _F32 = np.dtype(np.float32)
 
 
-@functools.cache
-def _typed_kernels():
-    """provider -> domain -> op -> [((start, end), {type var: allowed type strings})], or None.
-
-    targets.capabilities.kernel_table keeps the opset ranges only; whether a kernel takes fp16 is
-    in the same kernel defs' type constraints.
-    """
-    from graphopt.targets import capabilities as caps
-
-    try:
-        from onnxruntime.capi import _pybind_state as C
-
-        defs = C.get_all_opkernel_def()
-    except Exception:  # noqa: BLE001 - no kernel-def API: nothing probed
-        return None
-    table: dict = {}
-    for k in defs:
-        entry = (tuple(k.version_range), {name: frozenset(types) for name, types in k.type_constraints.items()})
-        table.setdefault(k.provider, {}).setdefault(caps.normalize_domain(k.domain), {}).setdefault(k.op_name, []).append(entry)
-    return table
-
-
-@functools.cache
-def _ort_schemas():
-    """Schemas of onnxruntime's contrib domains (onnx.defs has the standard ones only)."""
-    try:
-        from onnxruntime.capi import _pybind_state as C
-
-        schemas = C.get_all_operator_schema()
-    except Exception:  # noqa: BLE001 - a build without schemas: contrib ops stay fp32
-        return {}
-    found: dict = {}
-    for s in schemas:
-        found.setdefault((s.domain, s.name), []).append(s)
-    for versions in found.values():
-        versions.sort(key=lambda s: s.since_version)
-    return found
-
-
 class _Schema:
     """The parts of an op schema the pass reads, from onnx.defs or onnxruntime's."""
 
@@ -168,7 +129,7 @@ def _schema(op: str, domain: str, opset: int) -> _Schema | None:
     if domain == "":
         schema = caps.standard_schema(op, opset)
         return None if schema is None else _Schema(schema)
-    versions = [s for s in _ort_schemas().get((domain, op), ()) if s.since_version <= opset and not s.deprecated]
+    versions = [s for s in caps.runtime_schemas().get((domain, op), ()) if s.since_version <= opset and not s.deprecated]
     return _Schema(versions[-1]) if versions else None
 
 
@@ -198,7 +159,9 @@ def _runtime_has_kernel(target, op: str, domain: str, schema: _Schema, type_vars
     if target is None or target.runtime != "onnxruntime" or not target.execution_providers:
         return True  # a runtime graphopt cannot ask: the schema decided
     provider = target.execution_providers[0]
-    table = _typed_kernels()
+    from graphopt.targets import capabilities as caps
+
+    table = caps.typed_kernel_table()
     if table is not None and provider in table:
         since = schema.since_version
         for (start, end), constraints in table[provider].get(domain, {}).get(op, ()):

@@ -60,12 +60,9 @@ def plain_applies(m: Match) -> bool:
 @functools.cache
 def _bias_input() -> bool:
     # Newer onnxruntimes take the bias in the kernel; an older one gets the Add kept after it.
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+    from graphopt.targets import capabilities as caps
 
-    for schema in getattr(ort_c, "get_all_operator_schema", list)():
-        if schema.name == "MatMulNBits" and schema.domain == "com.microsoft":
-            return any(i.name == "bias" for i in schema.inputs)
-    return False
+    return any(any(i.name == "bias" for i in schema.inputs) for schema in caps.runtime_schemas().get(("com.microsoft", "MatMulNBits"), ()))
 
 
 def _block_size(ctx: PassContext) -> int:
