@@ -304,8 +304,7 @@ def _search(ctx: PassContext, quantize_pass: str, budget, executor, progress, se
                              calibration_data=ctx.calibration_data, budget=budget, executor=executor, progress=progress,
                              force_sensitivity=sensitivity, shapes=accuracy.known_shapes(ctx.model))
     ctx.options["quantize_exclude"] = frozenset(result.kept_float)
-    if result.statistics is not None:
-        ctx.options["calibration_statistics"] = result.statistics
+    ctx.options.update(result.measured)
     return result
 
 

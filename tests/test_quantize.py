@@ -234,3 +234,34 @@ def test_run_int8_dynamic_needs_no_calibration(tmp_path):
     result = CliRunner().invoke(cli, ["run", "zoo:bert_tiny", "-O3", "--quantize", "int8-dynamic", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert any(n.op_type == "DynamicQuantizeMatMul" for n in onnx.load(out).graph.node)
+
+
+def _embedding_model(rows: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((rows, 32)).astype(np.float32) * rng.uniform(0.1, 3.0, (rows, 1)).astype(np.float32)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed", axis=0), helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")],
+        "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 10])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10, 8])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_dynamic_quantizes_embedding_tables_per_row():
+    proto = _embedding_model(1000)
+    model, report = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["quantize-int8-dynamic"])
+    record = next(r for r in report.passes if r.name == "quantize-int8-dynamic")
+    assert record.stats == {"embedding": 1, "without_bias": 1}
+    quantized = export.to_proto(model)
+    tables = [t for t in quantized.graph.initializer if t.data_type == TensorProto.INT8 and list(t.dims) == [1000, 32]]
+    assert len(tables) == 1
+    assert export.approx_nbytes(quantized) < 0.35 * export.approx_nbytes(proto)
+    ids = np.array([[0, 5, 999, 17, 17, 400, 3, 2, 1, 998]], np.int64)
+    expected = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    assert float((expected * got).sum() / np.linalg.norm(expected) / np.linalg.norm(got)) > 0.999
+    # A small lookup (two token types) is left float, and so is an excluded one.
+    small, _ = optimize_model(_embedding_model(2), passes=["quantize-int8-dynamic"])
+    assert [n.op for n in small.graph.nodes][0] == "Gather" and "Cast" not in [n.op for n in small.graph.nodes]
+    kept, _ = optimize_model(_embedding_model(1000), passes=["quantize-int8-dynamic"], options={"quantize_exclude": {"embed"}})
+    assert "Cast" not in [n.op for n in kept.graph.nodes]

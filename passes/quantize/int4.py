@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import onnx
 
 from graphopt import ir
 from graphopt.errors import GraphoptError
@@ -40,7 +41,7 @@ CLIP_RATIOS = tuple(np.linspace(1.0, 0.7, 16))
 # Output columns quantized at a time: bounds the temporaries of the ratio search.
 _COLUMNS_PER_STEP = 1024
 # Where the pass leaves E[x^2] per activation for its rewrites, for the length of one run.
-_MEAN_SQUARES = "_int4_mean_squares"
+_MEAN_SQUARES = "int4_mean_squares"
 
 
 def _weight_ok(m: Match) -> bool:
@@ -195,15 +196,30 @@ class QuantizeInt4(RewritePass):
         _block_size(ctx)  # a bad option fails before anything changes
         data_aware = ctx.calibration_data is not None and ctx.options.get("int4_data_aware", True)
         # Measured on the main graph only: a body's values are no outputs onnxruntime can add.
-        if data_aware and ctx.is_main_graph and all(ctx.can_emit(op, domain) for op, domain in _EMITS):
+        given = ctx.options.get(_MEAN_SQUARES)  # measured once by an accuracy search
+        if data_aware and given is None and ctx.is_main_graph and all(ctx.can_emit(op, domain) for op, domain in _EMITS):
             names = _activations(graph, ctx)
             if names:
-                from graphopt import calibration, export
+                from graphopt import export
 
-                measured = calibration.channel_statistics(export.to_proto(ctx.model), ctx.calibration_data, names,
-                                                          threads=ctx.options.get("threads") or 2)
-                ctx.options[_MEAN_SQUARES] = {name: m.mean_square for name, m in measured.items()}
+                ctx.options[_MEAN_SQUARES] = _mean_squares(export.to_proto(ctx.model), ctx.calibration_data, names, ctx.options)
         try:
             return super().run(graph, ctx)
         finally:
-            ctx.options.pop(_MEAN_SQUARES, None)
+            if given is None:
+                ctx.options.pop(_MEAN_SQUARES, None)
+
+    def measurements(self, fp32, data, options: dict) -> dict:
+        """E[x^2] of every MatMul input the rules may take, once for all of an accuracy search's candidates."""
+        if not options.get("int4_data_aware", True):
+            return {}
+        weights = {t.name for t in fp32.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
+        names = list(dict.fromkeys(n.input[0] for n in fp32.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights))
+        return {_MEAN_SQUARES: _mean_squares(fp32, data, names, options)} if names else {}
+
+
+def _mean_squares(fp32, data, names, options) -> dict:
+    from graphopt import calibration
+
+    measured = calibration.channel_statistics(fp32, data, names, threads=options.get("threads") or 2)
+    return {name: m.mean_square for name, m in measured.items()}

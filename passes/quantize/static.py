@@ -149,8 +149,13 @@ class QuantizeStaticInt8(Pass):
     subgraphs = False
     # The nodes an accuracy search may keep float, one at a time (graphopt/accuracy.py).
     layer_ops = WEIGHTED_OPS
-    # Ranges from calibration statistics, which a search collects once for all its candidates.
-    needs_statistics = True
+
+    def measurements(self, fp32, data, options: dict) -> dict:
+        """What the pass measures on calibration data, once for all of an accuracy search's
+        candidates: every candidate quantizes a subset of the same tensors."""
+        from graphopt import calibration
+
+        return {"calibration_statistics": calibration.collect(fp32, data, cache_dir=options.get("calibration_cache"))}
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if ctx.opset < MIN_OPSET:
