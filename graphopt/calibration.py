@@ -314,7 +314,8 @@ def from_path(path: str | os.PathLike, model: onnx.ModelProto | str, *, batch_si
     """A `.npz` keyed by input name, a `.npy` for a single-input model, or a folder of them (sorted
     by name). Every file holds one or more samples along axis 0 (a file may also hold a single
     sample without that axis). Every fed input must be present and no other name; non-batch dims
-    must match the model's static dims; dtypes are cast to the model's when that is safe.
+    must match the model's static dims, and a symbolic one may differ between files that each hold
+    whole batches (one sequence length per file); dtypes are cast to the model's when that is safe.
     A .npz is read when checked and again when iterated, one file at a time."""
     path = Path(path)
     specs = _input_specs(_load_model(model))
@@ -332,20 +333,27 @@ def from_path(path: str | os.PathLike, model: onnx.ModelProto | str, *, batch_si
 
     chunks = []
     sample_shapes: dict[str, tuple[int, ...]] = {}
+    mixed, partial = None, False
     for file in files:
         arrays, count = _checked(_read_array_file(file, specs), specs, str(file))
         for name, a in arrays.items():
-            # Symbolic non-batch dims (a sequence length) must agree between files to stack.
-            if sample_shapes.setdefault(name, a.shape[1:]) != a.shape[1:]:
-                raise GraphoptError(
-                    f"{file}: input '{name}' has sample shape {list(a.shape[1:])}, earlier files have {list(sample_shapes[name])}"
-                )
+            # Symbolic non-batch dims (a sequence length) may differ between files as long as no
+            # batch takes samples from two of them (text calibrates on sentences of many lengths).
+            first = sample_shapes.setdefault(name, a.shape[1:])
+            if first != a.shape[1:]:
+                mixed = mixed or (file, name, a.shape[1:], first)
+        if count % per_batch:
+            partial = True
         del arrays
 
         def load(file: Path = file) -> dict[str, np.ndarray]:
             return _checked(_read_array_file(file, specs), specs, str(file))[0]
 
         chunks.append(_Chunk(count, load))
+    if mixed and partial:
+        file, name, shape, first = mixed
+        raise GraphoptError(f"{file}: input '{name}' has sample shape {list(shape)}, earlier files have {list(first)}; "
+                            f"files of different shapes must each hold whole batches of {per_batch}")
     return CalibrationData(chunks, specs, per_batch, source=str(path))
 
 

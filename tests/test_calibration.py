@@ -422,3 +422,17 @@ def test_calibrate_cli_refuses_ambiguous_or_missing_data(tmp_path):
     assert result.exit_code == 2 and "exactly one of --data" in result.output
     result = CliRunner().invoke(cli, ["calibrate", "zoo:digits_cnn", "--random", "4", "--no-cache"])
     assert result.exit_code == 0 and "not be representative" in result.output
+
+
+def test_files_of_different_sequence_lengths_calibrate_a_dynamic_model(tmp_path):
+    graph = helper.make_graph([helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)], "seq",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for i, length in enumerate((12, 40, 7)):
+        np.savez(tmp_path / f"{i}.npz", ids=np.arange(length, dtype=np.int64)[None])
+    data = calibration.from_path(tmp_path, model)
+    assert [b["ids"].shape for b in data] == [(1, 12), (1, 40), (1, 7)]
+    # Two samples a batch would stack a 12 with a 40: refused, naming the file and the rule.
+    with pytest.raises(GraphoptError, match=r"1\.npz: input 'ids' has sample shape \[40\], earlier files have \[12\]; .*whole batches of 2"):
+        calibration.from_path(tmp_path, model, batch_size=2)
