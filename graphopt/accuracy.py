@@ -208,7 +208,8 @@ def quantized(job: Job, keep_float: tuple[str, ...] | frozenset[str] = ()) -> on
             dtype, shape = job.shapes[name]
             t.dtype = t.dtype if t.dtype is not None else dtype
             t.shape = t.shape if t.shape is not None or shape is None else list(shape)
-    options = dict(job.options, quantize_exclude=frozenset(keep_float), quantize_gate=False)
+    # Nodes a pass before the search keeps float (smoothing's outlier MatMuls) stay float too.
+    options = dict(job.options, quantize_exclude=frozenset(job.options.get("quantize_exclude", ())) | frozenset(keep_float), quantize_gate=False)
     ctx = PassContext(model=model, target=targets.get(job.target), options=options, calibration_data=job.calibration_data)
     PassManager(Sequential([create_pass(job.quantize_pass), create_pass("dce")])).run(ctx)
     return export.to_proto(model)

@@ -303,7 +303,7 @@ def _search(ctx: PassContext, quantize_pass: str, budget, executor, progress, se
     result = accuracy.search(fp32, quantize_pass, target=ctx.target.full_name, options=options,
                              calibration_data=ctx.calibration_data, budget=budget, executor=executor, progress=progress,
                              force_sensitivity=sensitivity, shapes=accuracy.known_shapes(ctx.model))
-    ctx.options["quantize_exclude"] = frozenset(result.kept_float)
+    ctx.options["quantize_exclude"] = frozenset(ctx.options.get("quantize_exclude", ())) | frozenset(result.kept_float)
     ctx.options.update(result.measured)
     return result
 

@@ -61,8 +61,9 @@ def test_smoothing_is_exact_in_float_and_goes_where_it_can(first, where):
         np.testing.assert_allclose(verify.run(smoothed, feed)["y"], verify.run(proto, feed)["y"], rtol=1e-4, atol=1e-4)
 
 
-def _dynamic_error(proto, x) -> float:
-    model, _ = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["quantize-int8-dynamic"])
+def _dynamic_error(proto, x, keep_outliers: bool = False) -> float:
+    keep = frozenset(n.name for n in proto.graph.node if keep_outliers and n.name.endswith("_outlier_matmul"))
+    model, _ = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["quantize-int8-dynamic"], options={"quantize_exclude": keep})
     quantized = export.to_proto(model)
     errors = []
     for i in range(len(x)):
@@ -112,3 +113,26 @@ def test_quantize_int8_dynamic_smooths_first_when_it_has_data():
     _, plain = optimize_model(onnx.load_from_string(proto.SerializeToString()), quantize="int8-dynamic", calibration_data=data,
                               accuracy_budget="cos=0.9", options={"smooth": False})
     assert "smooth-activations" not in [r.name for r in plain.passes]
+
+
+def test_split_off_outlier_channels_are_exact_and_stay_float():
+    proto = _model("relu", outlier=400.0)
+    x = _inputs("relu", outlier=400.0)
+    data = calibration.from_arrays({"x": x[:8]}, proto)
+    model, report = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["smooth-activations"], calibration_data=data,
+                                   options={"smooth_splits": (1, 4)})
+    stats = next(r for r in report.passes if r.name == "smooth-activations").stats
+    assert stats.get("outliers_split_off") == 1, stats
+    split = export.to_proto(model)
+    gather = next(n for n in split.graph.node if n.op_type == "Gather")
+    index = next(t for t in split.graph.initializer if t.name == gather.input[1])
+    assert 3 in numpy_helper.to_array(index)  # the outlier channel is computed in float
+    feed = {"x": x[9:10]}
+    np.testing.assert_allclose(verify.run(split, feed)["y"], verify.run(proto, feed)["y"], rtol=1e-4, atol=1e-3)
+    # Quantization leaves the split-off MatMul float, and the error falls below smoothing's alone.
+    quantized, _ = optimize_model(split, passes=["quantize-int8-dynamic"], options={"quantize_exclude": frozenset(
+        n.name for n in split.graph.node if n.name.endswith("_outlier_matmul"))})
+    assert [n.op for n in quantized.graph.nodes].count("MatMul") == 1
+    smoothed, _ = _smoothed(proto, x[:8])
+    held_out = _inputs("relu", n=6, seed=7, outlier=400.0)
+    assert _dynamic_error(split, held_out, keep_outliers=True) < _dynamic_error(smoothed, held_out)
