@@ -449,8 +449,8 @@ def _tensor_sqnr(fp32: onnx.ModelProto, final: onnx.ModelProto, feeds: list[dict
     if not wanted:
         return
     tensors = sorted(set(wanted.values()))
-    a = run_all(calibration._augmented(fp32, tensors), feeds)
-    b = run_all(calibration._augmented(final, tensors), feeds)
+    a = run_all(calibration.with_outputs(fp32, tensors), feeds)
+    b = run_all(calibration.with_outputs(final, tensors), feeds)
     for layer in found:
         t = wanted.get(layer.node)
         if t is None:

@@ -803,7 +803,7 @@ def default_tensors(model: onnx.ModelProto) -> list[str]:
     return [n for n in dict.fromkeys(names) if types.get(n) in _FLOAT_TYPES]
 
 
-def _augmented(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy that also outputs `tensors` (graph inputs excepted: their values are the feeds)."""
     types = _value_types(model)
     copy = onnx.ModelProto()
@@ -878,7 +878,7 @@ def collect(
                     return stats
 
     stats = Statistics(names, bins)
-    sess = verify._session(_augmented(proto, names), threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sess = verify._session(with_outputs(proto, names), threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     fed = set(data.inputs)
     fetched = [n for n in names if n not in fed]
     total = len(data)
@@ -1001,7 +1001,7 @@ def channel_statistics(
     rows_per_batch = -(-rows // max(1, len(data))) if rows else 0
     fed = set(data.inputs)
     fetched = [n for n in names if n not in fed]
-    sess = verify._session(_augmented(proto, names), threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL) if fetched else None
+    sess = verify._session(with_outputs(proto, names), threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL) if fetched else None
     for done, feeds in enumerate(data, 1):
         try:
             values = sess.run(fetched, feeds) if fetched else []
