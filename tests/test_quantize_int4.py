@@ -240,3 +240,18 @@ def test_run_quantize_int4_on_the_cli(tmp_path):
     weights = {t.name for t in model.graph.initializer}
     assert [n.op_type for n in model.graph.node].count("MatMulNBits") == 12
     assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # only activation x activation left
+
+
+def test_a_search_measures_only_the_activations_the_rules_take():
+    # matmul1 multiplies two constants: nothing to observe there (calibration refuses weights), and
+    # an excluded node's input is not measured either.
+    model = _linear(32, 32, bias=False, layers=2)
+    rng = np.random.default_rng(1)
+    model.graph.initializer.append(numpy_helper.from_array(rng.normal(size=(4, 32)).astype(np.float32), "a"))
+    model.graph.node.append(helper.make_node("MatMul", ["a", "w1"], ["const_product"], name="constant_matmul"))
+    model.graph.output.append(helper.make_tensor_value_info("const_product", F, [4, 32]))
+    data = calibration.from_arrays({"x": rng.normal(size=(3, S, 32)).astype(np.float32)}, model)
+    measured = int4.QuantizeInt4().measurements(model, data, {})["int4_mean_squares"]
+    assert sorted(measured) == ["x", "y0"]
+    measured = int4.QuantizeInt4().measurements(model, data, {"quantize_exclude": {"matmul1"}})["int4_mean_squares"]
+    assert sorted(measured) == ["x"]

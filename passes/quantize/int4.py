@@ -161,20 +161,17 @@ def without_bias(op, m: Match):
     return _quantized(op, m, None)
 
 
-def _activations(graph, ctx: PassContext) -> list[str]:
-    """The inputs of the MatMuls the rules may take, to measure E[x^2] of."""
-    excluded = ctx.options.get("quantize_exclude", ())
-    names = []
-    for node in graph.nodes:
-        if node.op != "MatMul" or node.domain not in ir.DEFAULT_DOMAINS or node.name in excluded or len(node.inputs) != 2:
-            continue
-        x, w = node.inputs
-        value = getattr(w, "values", None)
-        if value is None or getattr(x, "values", None) is not None or x.dtype != np.float32:
-            continue
-        if np.asarray(value).dtype == np.float32 and np.asarray(value).ndim == 2:
-            names.append(x.name)
-    return list(dict.fromkeys(names))
+def _activations(model: onnx.ModelProto, excluded) -> list[str]:
+    """The inputs of the MatMuls the rules may take (a float activation times a float32 matrix), to
+    measure E[x^2] of: one list for a run of the pass and for an accuracy search's candidates."""
+    from graphopt import calibration
+
+    activations = set(calibration.default_tensors(model))
+    weights = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
+    return list(dict.fromkeys(
+        n.input[0] for n in model.graph.node
+        if n.op_type == "MatMul" and n.domain in ir.DEFAULT_DOMAINS and n.name not in excluded and len(n.input) == 2
+        and n.input[1] in weights and n.input[0] in activations))
 
 
 _EMITS = [("MatMulNBits", "com.microsoft")]
@@ -198,11 +195,12 @@ class QuantizeInt4(RewritePass):
         # Measured on the main graph only: a body's values are no outputs onnxruntime can add.
         given = ctx.options.get(_MEAN_SQUARES)  # measured once by an accuracy search
         if data_aware and given is None and ctx.is_main_graph and all(ctx.can_emit(op, domain) for op, domain in _EMITS):
-            names = _activations(graph, ctx)
-            if names:
-                from graphopt import export
+            from graphopt import export
 
-                ctx.options[_MEAN_SQUARES] = _mean_squares(export.to_proto(ctx.model), ctx.calibration_data, names, ctx.options)
+            model = export.to_proto(ctx.model)
+            names = _activations(model, ctx.options.get("quantize_exclude", ()))
+            if names:
+                ctx.options[_MEAN_SQUARES] = _mean_squares(model, ctx.calibration_data, names, ctx.options)
         try:
             return super().run(graph, ctx)
         finally:
@@ -213,8 +211,7 @@ class QuantizeInt4(RewritePass):
         """E[x^2] of every MatMul input the rules may take, once for all of an accuracy search's candidates."""
         if not options.get("int4_data_aware", True):
             return {}
-        weights = {t.name for t in fp32.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
-        names = list(dict.fromkeys(n.input[0] for n in fp32.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights))
+        names = _activations(fp32, options.get("quantize_exclude", ()))
         return {_MEAN_SQUARES: _mean_squares(fp32, data, names, options)} if names else {}
 
 
