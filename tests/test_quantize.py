@@ -265,3 +265,38 @@ def test_dynamic_quantizes_embedding_tables_per_row():
     assert [n.op for n in small.graph.nodes][0] == "Gather" and "Cast" not in [n.op for n in small.graph.nodes]
     kept, _ = optimize_model(_embedding_model(1000), passes=["quantize-int8-dynamic"], options={"quantize_exclude": {"embed"}})
     assert "Cast" not in [n.op for n in kept.graph.nodes]
+
+
+def _three_projections() -> onnx.ModelProto:
+    """x read by three MatMuls with bias (Q, K, V) and one without: a transformer's projections."""
+    rng = np.random.default_rng(5)
+    inits, nodes, outputs = [], [], []
+    for name in ("q", "k", "v", "plain"):
+        inits.append(numpy_helper.from_array((rng.standard_normal((48, 32)) / 7).astype(np.float32), f"w_{name}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"w_{name}"], [f"{name}_mm" if name != "plain" else name], name=f"proj_{name}"))
+        if name != "plain":
+            inits.append(numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), f"b_{name}"))
+            nodes.append(helper.make_node("Add", [f"{name}_mm", f"b_{name}"], [name], name=f"bias_{name}"))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 8, 32]))
+    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 48])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_dynamic_int8_quantizes_a_shared_activation_once(monkeypatch):
+    from graphopt.passes.quantize import dynamic
+
+    proto = _three_projections()
+    model, report = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["quantize-int8-dynamic"])
+    shared = export.to_proto(model)
+    ops = collections.Counter(n.op_type for n in shared.graph.node)
+    assert ops == {"DynamicQuantizeLinear": 1, "MatMulIntegerToFloat": 4}, ops
+    assert next(p for p in report.passes if p.name == "quantize-int8-dynamic").stats["activations_quantized_once"] == 1
+    # The same arithmetic as one DynamicQuantizeMatMul per reader.
+    monkeypatch.setattr(dynamic, "_share_activation_quantization", lambda graph, ctx: 0)
+    separate, _ = optimize_model(onnx.load_from_string(proto.SerializeToString()), passes=["quantize-int8-dynamic"])
+    separate = export.to_proto(separate)
+    assert collections.Counter(n.op_type for n in separate.graph.node) == {"DynamicQuantizeMatMul": 4}
+    feed = {"x": np.random.default_rng(6).standard_normal((2, 8, 48)).astype(np.float32)}
+    for a, b, ref in zip(_bert_outputs(shared, feed), _bert_outputs(separate, feed), _bert_outputs(proto, feed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert np.linalg.norm(a - ref) < 0.02 * np.linalg.norm(ref)
