@@ -24,9 +24,13 @@ given: "original" = the model as built, "graphopt fp32" = the fp32 row's file):
   ~/.cache/graphopt/external; skipped with a note where it cannot be fetched). fp32 = graphopt -O3;
   graphopt int8-dynamic and int4 (MatMulNBits). ort quantize_dynamic (s8 per-channel) and NNCF
   (`model_type=nncf.ModelType.TRANSFORMER`), their best configurations in
-  ../shared/notes/quantization-peers.md, quantize graphopt's fp32. minilm's original
+  ../shared/notes/quantization-peers.md. minilm's original
   stores 18 MatMul weights as int8 + Cast/Mul; every graphopt variant folds them to fp32 weights
-  (`ENCODER_OPTIONS`), so fp32 is fp32 and each quantizer sees all 36 weight MatMuls. NNCF 3.4
+  (`ENCODER_OPTIONS`), so fp32 is fp32 and each quantizer sees all 36 weight MatMuls. The peers
+  quantize "fp32 -O1" (constants folded, none of graphopt's rewrites: what their user has), and
+  quantize_dynamic also graphopt's -O3 fp32 ("of -O3": graphopt's graph rewrites, such as the
+  residual Add kept away from onnxruntime's slow SkipLayerNormalization, with onnxruntime's
+  quantizer). NNCF 3.4
   crashes on a Cast of an initializer, so every NNCF input has such Casts folded first
   (`fold_initializer_casts`). Calibration:
   random-token sequences ([CLS] ... [SEP], mask 1); fidelity: the mean-pooled
@@ -418,6 +422,10 @@ def bench_encoder(name: str, args) -> dict:
         folder = Path(tmp)
         paths["fp32"], _ = graphopt_variant(proto, None, None, folder, "fp32", opt_level=3, budget=None, options=ENCODER_OPTIONS)
         source["fp32"] = "original"
+        # What a user of the peers starts from: the model with its constants folded (-O1, as
+        # onnx-simplifier would), none of graphopt's -O2/-O3 rewrites.
+        paths["fp32 -O1"], _ = graphopt_variant(proto, None, None, folder, "fp32_O1", opt_level=1, budget=None, options=ENCODER_OPTIONS)
+        source["fp32 -O1"] = "original"
         for quantize in ("int8-dynamic", "int4"):
             label = f"graphopt {quantize}"
 
@@ -428,11 +436,13 @@ def bench_encoder(name: str, args) -> dict:
 
             try_peer(paths, failures, label, ours)
             source[label] = "original"
-        try_peer(paths, failures, "ort quantize_dynamic", lambda: ort_quantize_dynamic(paths["fp32"], folder / "ort_dynamic.onnx"))
-        source["ort quantize_dynamic"] = "graphopt fp32"
+        try_peer(paths, failures, "ort quantize_dynamic", lambda: ort_quantize_dynamic(paths["fp32 -O1"], folder / "ort_dynamic.onnx"))
+        source["ort quantize_dynamic"] = "fp32 -O1"
+        try_peer(paths, failures, "ort quantize_dynamic of -O3", lambda: ort_quantize_dynamic(paths["fp32"], folder / "ort_dynamic_O3.onnx"))
+        source["ort quantize_dynamic of -O3"] = "graphopt fp32"
         if args.nncf:
-            try_peer(paths, failures, "nncf (transformer)", lambda: nncf_quantize(paths["fp32"], calib, folder / "nncf.onnx", transformer=True))
-            source["nncf (transformer)"] = "graphopt fp32"
+            try_peer(paths, failures, "nncf (transformer)", lambda: nncf_quantize(paths["fp32 -O1"], calib, folder / "nncf.onnx", transformer=True))
+            source["nncf (transformer)"] = "fp32 -O1"
         sessions = sessions_for(paths, failures)
         embeddings = {v: np.concatenate([pooled(s, f) for f in held_out]) for v, s in sessions.items()}
         for v, e in embeddings.items():

@@ -94,8 +94,12 @@ def level_passes(level: int, target=None) -> list[str]:
     passes = registered_passes()
     names = [name for name in default_order() if passes[name].opt_level <= level]
     if target is not None:
-        for lvl in range(level + 1):
-            names += list(target.extra_passes.get(lvl, ()))
+        # Before the trailing cleanup, like a plugin's pass: what they rewrite gets cleaned up too.
+        slot = len(names)
+        while slot > 0 and names[slot - 1] in CLEANUP_PASSES:
+            slot -= 1
+        extra = [name for lvl in range(level + 1) for name in target.extra_passes.get(lvl, ())]
+        names[slot:slot] = extra
     return names
 
 

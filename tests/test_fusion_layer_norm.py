@@ -545,3 +545,41 @@ def test_every_residual_layer_norm_of_a_torch_bert_fuses_once_its_dims_are_bound
     # term (the position embeddings, [1, S, H]) broadcasts over the batch: no skip input of one shape
     assert ops.count("SkipLayerNormalization") == 4 and ops.count("LayerNormalization") == 1
     assert result.fidelity.ok, result.fidelity.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# residual-add-as-sum (x86_64 -O2: the residual Add kept away from onnxruntime's SkipLayerNormalization)
+
+
+def _session_ops(model, tmp_path) -> list[str]:
+    """The op types onnxruntime's CPU session runs after its own fusions (ORT_ENABLE_ALL)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "session.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return op_types(onnx.load(so.optimized_model_filepath))
+
+
+def test_the_residual_add_becomes_a_sum_that_onnxruntime_leaves_unfused(tmp_path):
+    model = _residual_ln(G(shape=[1, 8, 16]))
+    assert "SkipLayerNormalization" in _session_ops(model, tmp_path)  # what onnxruntime does to the Add
+    optimized, report = optimize(copy(model), target="x86_64", opt_level=2)
+    assert next(r for r in report.passes if r.name == "residual-add-as-sum").stats == {"residual_adds": 1}
+    ops = op_types(optimized)
+    assert ops.count("Sum") == 1 and ops.count("Add") == 1  # the bias Add stays an Add
+    assert "SkipLayerNormalization" not in _session_ops(optimized, tmp_path)
+    for name, value in _run_two(model).items():
+        np.testing.assert_allclose(_run_two(optimized)[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_residual_add_stays_where_it_is_read_twice_and_on_other_targets():
+    g = G(shape=[1, 8, 16])
+    model = _residual_ln(g, bias=False)
+    summed = next(n for n in model.graph.node if n.op_type == "Add").output[0]
+    model.graph.output.append(helper.make_tensor_value_info(summed, TensorProto.FLOAT, [1, 8, 16]))
+    optimized, _ = optimize(copy(model), target="x86_64", opt_level=2)
+    assert "Sum" not in op_types(optimized)  # the sum is an output too
+    optimized, _ = optimize(copy(_residual_ln(G(shape=[1, 8, 16]))), target="generic", opt_level=3)
+    assert "Sum" not in op_types(optimized)
