@@ -27,7 +27,7 @@ given: "original" = the model as built, "graphopt fp32" = the fp32 row's file):
   ../shared/notes/quantization-peers.md. minilm's original
   stores 18 MatMul weights as int8 + Cast/Mul; every graphopt variant folds them to fp32 weights
   (`ENCODER_OPTIONS`), so fp32 is fp32 and each quantizer sees all 36 weight MatMuls. The peers
-  quantize "fp32 -O1" (constants folded, none of graphopt's rewrites: what their user has), and
+  quantize "fp32 folded" (constants folded, none of graphopt's rewrites: what their user has), and
   quantize_dynamic also graphopt's -O3 fp32 ("of -O3": graphopt's graph rewrites, such as the
   residual Add kept away from onnxruntime's slow SkipLayerNormalization, with onnxruntime's
   quantizer). NNCF 3.4
@@ -91,6 +91,8 @@ OPTIONS = {"calibration_method": "percentile", "quantize_gate": False}
 # minilm ships 18 MatMul weights as int8 + Cast/Mul; folded (above the default 1 MiB fold limit) so
 # that fp32 is fp32 and every quantizer sees all 36 weight MatMuls.
 ENCODER_OPTIONS = {"fold_size_limit": 1 << 28}
+# The peers' encoder input: constants folded, nothing else rewritten.
+FOLD_ONLY = ["constant-to-initializer", "fold-shapes", "fold-constants", "dce"]
 
 
 class Skip(Exception):
@@ -107,7 +109,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def graphopt_variant(proto, quantize, calib: dict | None, folder: Path, label: str, *, opt_level: int, budget: str | None,
-                     options: dict | None = None) -> tuple[Path, dict]:
+                     options: dict | None = None, passes: list[str] | None = None) -> tuple[Path, dict]:
     """graphopt -O`opt_level` (and `quantize`, with the accuracy search at `budget`) of a copy of
     `proto`, saved; (path, {"kept_float", "layers", "evaluations", "search_s", "met"} or {})."""
     work = onnx.ModelProto()
@@ -122,7 +124,7 @@ def graphopt_variant(proto, quantize, calib: dict | None, folder: Path, label: s
         data = calibration.from_path(samples, proto)
     elif quantize and calib is not None:
         data = calibration.from_arrays(calib, proto)
-    model, report = optimize_model(work, target="x86_64", opt_level=opt_level, quantize=quantize, calibration_data=data,
+    model, report = optimize_model(work, target="x86_64", opt_level=opt_level, passes=passes, quantize=quantize, calibration_data=data,
                                    accuracy_budget=budget if quantize else None, options={**OPTIONS, **(options or {})})
     path = folder / f"{label.replace(' ', '_')}.onnx"
     export.save(model, path)
@@ -422,10 +424,11 @@ def bench_encoder(name: str, args) -> dict:
         folder = Path(tmp)
         paths["fp32"], _ = graphopt_variant(proto, None, None, folder, "fp32", opt_level=3, budget=None, options=ENCODER_OPTIONS)
         source["fp32"] = "original"
-        # What a user of the peers starts from: the model with its constants folded (-O1, as
-        # onnx-simplifier would), none of graphopt's -O2/-O3 rewrites.
-        paths["fp32 -O1"], _ = graphopt_variant(proto, None, None, folder, "fp32_O1", opt_level=1, budget=None, options=ENCODER_OPTIONS)
-        source["fp32 -O1"] = "original"
+        # What a user of the peers starts from: the model with its constants folded (as
+        # onnx-simplifier would: minilm's int8 weights become fp32), none of graphopt's rewrites.
+        paths["fp32 folded"], _ = graphopt_variant(proto, None, None, folder, "fp32_folded", opt_level=1, budget=None, options=ENCODER_OPTIONS,
+                                                   passes=FOLD_ONLY)
+        source["fp32 folded"] = "original"
         for quantize in ("int8-dynamic", "int4"):
             label = f"graphopt {quantize}"
 
@@ -436,13 +439,13 @@ def bench_encoder(name: str, args) -> dict:
 
             try_peer(paths, failures, label, ours)
             source[label] = "original"
-        try_peer(paths, failures, "ort quantize_dynamic", lambda: ort_quantize_dynamic(paths["fp32 -O1"], folder / "ort_dynamic.onnx"))
-        source["ort quantize_dynamic"] = "fp32 -O1"
+        try_peer(paths, failures, "ort quantize_dynamic", lambda: ort_quantize_dynamic(paths["fp32 folded"], folder / "ort_dynamic.onnx"))
+        source["ort quantize_dynamic"] = "fp32 folded"
         try_peer(paths, failures, "ort quantize_dynamic of -O3", lambda: ort_quantize_dynamic(paths["fp32"], folder / "ort_dynamic_O3.onnx"))
         source["ort quantize_dynamic of -O3"] = "graphopt fp32"
         if args.nncf:
-            try_peer(paths, failures, "nncf (transformer)", lambda: nncf_quantize(paths["fp32 -O1"], calib, folder / "nncf.onnx", transformer=True))
-            source["nncf (transformer)"] = "fp32 -O1"
+            try_peer(paths, failures, "nncf (transformer)", lambda: nncf_quantize(paths["fp32 folded"], calib, folder / "nncf.onnx", transformer=True))
+            source["nncf (transformer)"] = "fp32 folded"
         sessions = sessions_for(paths, failures)
         embeddings = {v: np.concatenate([pooled(s, f) for f in held_out]) for v, s in sessions.items()}
         for v, e in embeddings.items():
