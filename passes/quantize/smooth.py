@@ -315,8 +315,7 @@ class SmoothActivations(Pass):
                 _duplicate_channels(ctx, chain, channel_index)
                 inverse = (inverse / copies)[channel_index].astype(np.float32)
                 duplicated += 1
-            shape = [*t.shape[:-1], len(channel_index)] if t.shape else None
-            smoothed = gs.Variable(ctx.fresh_name(f"{t.name}_smoothed"), dtype=t.dtype, shape=shape)
+            smoothed = gs.Variable(ctx.fresh_name(f"{t.name}_smoothed"), dtype=t.dtype, shape=t.shape)  # duplicated ones included
             graph.nodes.append(gs.Node("Mul", name=ctx.fresh_name(f"{t.name}_smooth"),
                                        inputs=[t, ir.make_constant(ctx.fresh_name(f"{t.name}_inverse_smoothing"), inverse)],
                                        outputs=[smoothed]))
