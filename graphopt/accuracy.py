@@ -370,7 +370,7 @@ def search(
     if calibrate_on is not None and hasattr(pass_type, "measurements"):
         # Once for every candidate, instead of once per candidate.
         say("measuring activations on the calibration data")
-        measured = pass_type().measurements(fp32, calibrate_on, options)
+        measured = pass_type().measurements(fp32, calibrate_on, options, target)
         options.update(measured)
     job = Job(fp32.SerializeToString(), quantize_pass, target, options, feeds, run_all(fp32, feeds), budget, calibrate_on, shapes or {})
     everything = quantized(job)

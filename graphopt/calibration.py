@@ -46,7 +46,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -936,16 +936,23 @@ def progress_bar(description: str = "calibrating", console=None) -> Iterator[Pro
 # From ranges and weights to int8 parameters (what quantization passes write)
 
 
-def weight_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def weight_int8(w: np.ndarray, axis: int, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values, float32 scales): symmetric, one scale per index of `axis` (an output channel
-    or column), the largest magnitude mapped to 127 (-128 unused, so negation stays exact)."""
+    or column), the largest magnitude mapped to `levels` (127; -128 unused, so negation stays
+    exact; 63 for the target's 7-bit weights, `Hardware.int8_weight_levels`)."""
     w = np.asarray(w, np.float64)
     reduce = tuple(a for a in range(w.ndim) if a != axis)
-    scale = np.maximum(np.abs(w).max(axis=reduce) / 127.0, 1e-12)
+    scale = np.maximum(np.abs(w).max(axis=reduce) / float(levels), 1e-12)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -levels, levels).astype(np.int8)
     return q, scale.astype(np.float32)
+
+
+def int8_weight_levels(target) -> int:
+    """The target's symmetric int8 weight magnitude (see weight_int8); 127 without a target."""
+    hardware = getattr(target, "hardware", None)
+    return hardware.int8_weight_levels if hardware is not None else 127
 
 
 def activation_int8(lo: float, hi: float, signedness: str) -> tuple[np.ndarray, np.ndarray]:
@@ -972,6 +979,9 @@ class ChannelStatistics:
     # Up to `rows` of the tensor's rows ([n, channels], float32), spread over the batches: what a
     # rewrite can try its quantization error on without running the model again.
     rows: np.ndarray | None = None
+    # The mean of the tensor quantized and dequantized with the scale it was given (`quantized=`):
+    # what the layer reading it sees on average, clipping included.
+    quantized_mean: np.ndarray | None = None
 
 
 def channel_statistics(
@@ -979,9 +989,10 @@ def channel_statistics(
     data: CalibrationData,
     tensors: Sequence[str],
     *,
-    axis: int = -1,
+    axis: int | Mapping[str, int] = -1,
     threads: int = 2,
     rows: int = 0,
+    quantized: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, ChannelStatistics]:
     """Per-channel mean, E[x^2] and max |x| of each tensor along `axis` (the input channel of the
     op that reads it), shape [tensor.shape[axis]].
@@ -998,6 +1009,8 @@ def channel_statistics(
     maxima: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     kept_rows: dict[str, list[np.ndarray]] = {}
+    quantized = quantized or {}
+    quantized_sums: dict[str, np.ndarray] = {}
     rows_per_batch = -(-rows // max(1, len(data))) if rows else 0
     fed = set(data.inputs)
     fetched = [n for n in names if n not in fed]
@@ -1011,11 +1024,15 @@ def channel_statistics(
             value = np.asarray(value)
             if value.ndim == 0:
                 raise GraphoptError(f"tensor '{name}' is a scalar; it has no channels")
-            flat = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis]).astype(np.float64)
+            channel_axis = axis if isinstance(axis, int) else axis.get(name, -1)
+            flat = np.moveaxis(value, channel_axis, -1).reshape(-1, value.shape[channel_axis]).astype(np.float64)
             kept = np.isfinite(flat) & (np.abs(flat) < SENTINEL_MAGNITUDE)
             flat = np.where(kept, flat, 0.0)
             if name in sums and sums[name].shape[0] != flat.shape[1]:
-                raise GraphoptError(f"tensor '{name}' has {flat.shape[1]} channels on axis {axis} in batch {done}, {sums[name].shape[0]} before")
+                raise GraphoptError(f"tensor '{name}' has {flat.shape[1]} channels on axis {channel_axis} in batch {done}, {sums[name].shape[0]} before")
+            if name in quantized:
+                passed_on = np.where(kept, fake_quantized(flat, *quantized[name]), 0.0)
+                quantized_sums[name] = quantized_sums.get(name, 0.0) + passed_on.sum(axis=0)
             sums[name] = sums.get(name, 0.0) + flat.sum(axis=0)
             squares[name] = squares.get(name, 0.0) + np.einsum("ij,ij->j", flat, flat)
             maxima[name] = np.maximum(maxima.get(name, 0.0), np.abs(flat).max(axis=0, initial=0.0))
@@ -1025,5 +1042,14 @@ def channel_statistics(
                 kept_rows.setdefault(name, []).append(flat[::step][:rows_per_batch].astype(np.float32))
         del values
     return {name: ChannelStatistics(sums[name] / np.maximum(counts[name], 1), squares[name] / np.maximum(counts[name], 1), maxima[name],
-                                    np.concatenate(kept_rows[name])[:rows] if name in kept_rows else None)
+                                    np.concatenate(kept_rows[name])[:rows] if name in kept_rows else None,
+                                    quantized_sums[name] / np.maximum(counts[name], 1) if name in quantized_sums else None)
             for name in names if name in sums}
+
+
+def fake_quantized(x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """x through QuantizeLinear and DequantizeLinear with a per-tensor (scale, zero point), whose
+    dtype (uint8 or int8) sets the levels: rounding half to even, as onnxruntime does."""
+    levels = np.iinfo(np.asarray(zero).dtype)
+    s, z = float(scale), float(zero)
+    return (np.clip(np.round(x / s) + z, levels.min, levels.max) - z) * s

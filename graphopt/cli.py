@@ -877,6 +877,7 @@ def show_target(name, target_files):
             rows.append((f"cache {c.level}", f"{_number(c.kib)} KiB {c.scope}"))
         rows += [
             ("int8 signedness", hw.int8_signedness),
+            ("int8 weight bits", str(hw.int8_weight_bits)),
             ("layout", hw.layout),
             ("llvm mcpu", hw.mcpu),
             ("llvm mattr", hw.mattr or "-"),

@@ -121,13 +121,14 @@ def test_full_quantization_within_budget_keeps_nothing_float():
 
 def test_dynamic_search_keeps_the_layer_reading_the_outlier_float():
     # Dynamic quantization scales each activation per call, per tensor: only w2 reads the tensor
-    # with the huge channel, so it alone is sensitive, and keeping it float meets the budget.
-    result = _search("quantize-int8-dynamic", "cos=0.9999")
-    assert not Budget.parse("cos=0.9999").meets(result.full)
+    # with the huge channel, so it alone is sensitive, and keeping it float meets the budget
+    # (0.9995 holds with the 7-bit weights of a CPU without VNNI as with 8-bit ones).
+    result = _search("quantize-int8-dynamic", "cos=0.9995")
+    assert not Budget.parse("cos=0.9995").meets(result.full)
     assert result.met and result.kept_float == ["w2_matmul"]
     by_node = {layer.node: layer for layer in result.layers}
     assert by_node["w2_matmul"].alone.min_cosine < min(by_node["w1_matmul"].alone.min_cosine, by_node["w3_matmul"].alone.min_cosine)
-    assert Budget.parse("cos=0.9999").meets(result.final)
+    assert Budget.parse("cos=0.9995").meets(result.final)
     assert "most sensitive of 3" in by_node["w2_matmul"].why and by_node["w1_matmul"].why == ""
     assert result.evaluated_on == "8 held-out calibration batches"
 
@@ -144,10 +145,10 @@ def test_static_search_keeps_both_sides_of_the_outlier_tensor_float():
 def test_search_result_becomes_the_model_and_the_report():
     proto = _chain()
     # Unsmoothed: smoothing (tests/test_smooth.py) would fix the outlier and leave nothing to keep float.
-    model, report = optimize_model(proto, quantize="int8-dynamic", calibration_data=_data(proto), accuracy_budget="cos=0.9999",
+    model, report = optimize_model(proto, quantize="int8-dynamic", calibration_data=_data(proto), accuracy_budget="cos=0.9995",
                                    options={"smooth": False})
     q = report.quantization
-    assert q["kept_float"] == ["w2_matmul"] and q["met"] and q["budget"] == "cos=0.9999"
+    assert q["kept_float"] == ["w2_matmul"] and q["met"] and q["budget"] == "cos=0.9995"
     ops = {n.name: n.op for n in model.graph.nodes}
     assert ops["w2_matmul"] == "MatMul" and "w1_matmul" not in ops and "w3_matmul" not in ops
     assert sum(op == "DynamicQuantizeMatMul" for op in ops.values()) == 2
@@ -200,10 +201,10 @@ def test_ray_search_decides_what_the_serial_search_decides():
     pytest.importorskip("ray")
     from graphopt.executor import RayExecutor
 
-    serial = _search("quantize-int8-dynamic", "cos=0.9999")
+    serial = _search("quantize-int8-dynamic", "cos=0.9995")
     with RayExecutor("local", num_cpus=2) as executor:
         assert executor.workers == 2
-        distributed = _search("quantize-int8-dynamic", "cos=0.9999", executor=executor)
+        distributed = _search("quantize-int8-dynamic", "cos=0.9995", executor=executor)
     assert distributed.executor == "ray"
     assert distributed.kept_float == serial.kept_float and distributed.evaluations == serial.evaluations
     assert [layer.alone for layer in distributed.layers] == [layer.alone for layer in serial.layers]
@@ -233,7 +234,7 @@ def test_run_prints_the_layers_kept_float_and_reports_them(tmp_path, monkeypatch
     model, cal = _chain_files(tmp_path)
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     result = CliRunner().invoke(cli, ["run", str(model), "--quantize", "int8-dynamic", "--calibration", str(cal), "--accuracy-budget",
-                                      "cos=0.9999", "--no-smooth", "-o", str(out), "--report", str(report)], env={"COLUMNS": "250"})
+                                      "cos=0.9995", "--no-smooth", "-o", str(out), "--report", str(report)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # the console may be narrow: lines wrap anywhere
     assert "1 kept float" in text and "w2_matmul" in text

@@ -300,3 +300,60 @@ def test_dynamic_int8_quantizes_a_shared_activation_once(monkeypatch):
     for a, b, ref in zip(_bert_outputs(shared, feed), _bert_outputs(separate, feed), _bert_outputs(proto, feed)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
         assert np.linalg.norm(a - ref) < 0.02 * np.linalg.norm(ref)
+
+
+def _biased_layer(kind: str) -> onnx.ModelProto:
+    """One layer whose int8 weights round with a systematic per-channel error: each output
+    channel has one weight 100x the rest, so its scale leaves the rest a few levels; x >= 0."""
+    rng = np.random.default_rng(3)
+    if kind == "conv_without_bias":
+        w = (rng.standard_normal((16, 16, 3, 3)) * 0.01).astype(np.float32)
+        w[:, 0, 1, 1] = 1.0
+        node = helper.make_node("Conv", ["h", "w"], ["y"], name="layer", pads=[1, 1, 1, 1])
+        inits, shape, extra = [numpy_helper.from_array(w, "w")], [1, 16, 8, 8], []
+    else:
+        w = (rng.standard_normal((64, 16)) * 0.01).astype(np.float32)
+        w[0] = 1.0
+        node = helper.make_node("MatMul", ["h", "w"], ["z"], name="layer")
+        extra = [helper.make_node("Add", ["z", "b"], ["y"], name="bias")]
+        inits, shape = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(16, 0.1, np.float32), "b")], [1, 8, 64]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["h"], name="relu"), node, *extra], "m",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["conv_without_bias", "matmul_add"])
+def test_bias_correction_removes_the_mean_shift_of_rounded_weights(kind):
+    proto = _biased_layer(kind)
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    x = (np.random.default_rng(4).standard_normal((32, *shape[1:])) + 0.5).astype(np.float32)
+    data = calibration.from_arrays({"x": x}, proto)
+    shifts = {}
+    for corrected in (False, True):
+        work = onnx.load_from_string(proto.SerializeToString())
+        model, report = optimize_model(work, target="x86_64", quantize="int8", calibration_data=data,
+                                       options={"quantize_gate": False, "bias_correction": corrected, "smooth": False, "calibration_method": "minmax"})
+        stats = next(p for p in report.passes if p.name == "quantize-int8").stats
+        assert stats["biases_corrected"] == (1 if corrected else 0), stats
+        quantized = export.to_proto(model)
+        sess = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (proto, quantized)]
+        # Measured on the calibration samples with minmax ranges, so that no output is clipped: a
+        # clipped output pair shifts the mean too, which is the next layer's to correct.
+        error = np.concatenate([sess[1].run(None, {"x": x[i : i + 1]})[0] - sess[0].run(None, {"x": x[i : i + 1]})[0]
+                                for i in range(len(x))])
+        channel_axis = 1 if kind == "conv_without_bias" else -1
+        shifts[corrected] = float(np.abs(np.moveaxis(error, channel_axis, 0).reshape(16, -1).mean(axis=1)).mean())
+    assert shifts[True] < 0.3 * shifts[False], shifts
+
+
+@pytest.mark.parametrize("variant, levels", [("avx2", 63), ("avx512", 63), ("avx512-vnni", 127), ("arm64", 127)])
+def test_weights_are_7_bit_where_the_int8_dot_product_saturates(variant, levels):
+    # Without VNNI, onnxruntime's u8s8 kernels add pairs of products in int16 with saturation.
+    proto = _three_projections()
+    target = "arm64" if variant == "arm64" else f"x86_64:{variant}"
+    model, _ = optimize_model(onnx.load_from_string(proto.SerializeToString()), target=target, passes=["quantize-int8-dynamic"])
+    static, _ = _quantized(_block(), _block_data(_block()), target=target)  # Conv weights, [out, in, kh, kw]
+    for quantized, rank in ((export.to_proto(model), 2), (static, 4)):
+        weights = [numpy_helper.to_array(t) for t in quantized.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == rank]
+        assert weights and all(int(np.abs(w.astype(np.int32)).max()) == levels for w in weights)

@@ -195,3 +195,58 @@ def test_channels_are_not_duplicated_where_the_producer_is_read_elsewhere():
     stats = next(r for r in report.passes if r.name == "smooth-activations").stats
     assert not stats.get("channels_duplicated"), stats
     assert next(n for n in model.graph.nodes if n.name == "ffn1").inputs[1].shape[1] == 4 * K
+
+
+def _conv_pair(between: str, outlier: float = 40.0) -> onnx.ModelProto:
+    """x -> Conv a (8 -> 16, 3x3) -> `between` -> Conv b (16 -> 8, 3x3) -> y, where a's output
+    channel 3 is `outlier` times the others."""
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((16, 8, 3, 3)) / 8).astype(np.float32)
+    a[3] *= outlier
+    b = (rng.standard_normal((8, 16, 3, 3)) / 8).astype(np.float32)
+    inits = [numpy_helper.from_array(a, "a"), numpy_helper.from_array(np.full(16, 0.05, np.float32), "a_bias"), numpy_helper.from_array(b, "b")]
+    nodes = [helper.make_node("Conv", ["x", "a", "a_bias"], ["h"], name="conv_a", pads=[1, 1, 1, 1])]
+    if between == "relu_maxpool":
+        nodes += [helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
+    else:
+        inits += [numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+        nodes += [helper.make_node("Clip", ["h", "lo", "hi"], ["p"], name="relu6")]
+    nodes.append(helper.make_node("Conv", ["p", "b"], ["y"], name="conv_b", pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _static_error(proto, x, **options) -> float:
+    data = calibration.from_arrays({"x": x[:8]}, proto)
+    model, _ = optimize_model(onnx.load_from_string(proto.SerializeToString()), target="x86_64", quantize="int8", calibration_data=data,
+                              options={"quantize_gate": False, **options})
+    quantized = export.to_proto(model)
+    errors = []
+    for i in range(8, len(x)):
+        feed = {"x": x[i : i + 1]}
+        y0, y = verify.run(proto, feed)["y"], verify.run(quantized, feed)["y"]
+        errors.append(np.linalg.norm(y - y0) / np.linalg.norm(y0))
+    return float(np.mean(errors))
+
+
+def test_conv_channels_are_equalized_exactly_and_lower_the_static_int8_error():
+    proto = _conv_pair("relu_maxpool")
+    x = np.random.default_rng(2).standard_normal((14, 8, 16, 16)).astype(np.float32)
+    smoothed, stats = _smoothed(proto, x[:8])
+    assert stats.get("convs_equalized") == 1, stats
+    assert [n.op_type for n in smoothed.graph.node] == [n.op_type for n in proto.graph.node]  # no node added
+    for i in range(8, 11):
+        feed = {"x": x[i : i + 1]}
+        np.testing.assert_allclose(verify.run(smoothed, feed)["y"], verify.run(proto, feed)["y"], rtol=1e-4, atol=1e-4)
+    plain = _static_error(proto, x, equalize_convs=False)
+    equalized = _static_error(proto, x)
+    assert equalized < 0.7 * plain, (equalized, plain)
+
+
+def test_a_clip_between_convs_stops_equalization():
+    proto = _conv_pair("clip")
+    x = np.random.default_rng(2).standard_normal((8, 8, 16, 16)).astype(np.float32)
+    _, stats = _smoothed(proto, x)
+    assert not stats.get("convs_equalized"), stats

@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import ir
-from graphopt.calibration import weight_int8
+from graphopt.calibration import int8_weight_levels, weight_int8
 from graphopt.pass_manager import PassContext, PassResult, register_pass
 from graphopt.passes.quantize.matmul_weights import bias_fits, bias_follows, matmul, matmul_bias, weight_ok
 from graphopt.patterns import Match, RewritePass, Rule
@@ -35,7 +35,7 @@ def plain_applies(m: Match) -> bool:
 
 
 def _quantized(op, m: Match, bias):
-    q, scale = weight_int8(m.value("w"), axis=1)
+    q, scale = weight_int8(m.value("w"), axis=1, levels=int8_weight_levels(m.ctx.target))
     return op.DynamicQuantizeMatMul(
         m.x, op.constant(q, f"{m.w.name}_int8"), op.constant(scale, f"{m.w.name}_scale"),
         op.constant(np.zeros(scale.shape, np.int8), f"{m.w.name}_zero_point"), bias, _domain="com.microsoft",
@@ -63,7 +63,7 @@ def attention_applies(m: Match) -> bool:
 def quantized_attention(op, m: Match):
     # What fuse-attention made of Q, K and V: the packed projection becomes integer too, the
     # activation quantized per call like DynamicQuantizeMatMul does (uint8, its own min/max).
-    q, scale = weight_int8(m.value("w"), axis=1)
+    q, scale = weight_int8(m.value("w"), axis=1, levels=int8_weight_levels(m.ctx.target))
     x_q, x_scale, x_zero = op.DynamicQuantizeLinear(m.x, _outputs=3)
     return op.QAttention(
         x_q, op.constant(q, f"{m.w.name}_int8"), m.b, x_scale, op.constant(scale, f"{m.w.name}_scale"),

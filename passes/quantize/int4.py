@@ -207,7 +207,7 @@ class QuantizeInt4(RewritePass):
             if given is None:
                 ctx.options.pop(_MEAN_SQUARES, None)
 
-    def measurements(self, fp32, data, options: dict) -> dict:
+    def measurements(self, fp32, data, options: dict, target: str | None = None) -> dict:
         """E[x^2] of every MatMul input the rules may take, once for all of an accuracy search's candidates."""
         if not options.get("int4_data_aware", True):
             return {}

@@ -30,6 +30,14 @@ LayerNorm that also feeds a residual, after attention) can also be split off: co
 (a Gather of those channels, a small MatMul by their weight rows, an Add after the quantized
 product), where that measures another 30% less error.
 
+Conv channels are equalized the same way (cross-layer equalization, Nagel et al. 2019, with the
+measured choice above instead of the weight ranges alone): where a Conv's output reaches Convs
+(group 1) only through ops that commute with a positive per-channel scale (Relu, LeakyRelu,
+MaxPool), 1/s goes into the producing Conv's weights and bias, which are quantized per output
+channel and so lose nothing by it: free, no node added. A large-range channel then stops setting
+the per-tensor scale of the activation between them. Clip (ReLU6) does not commute with a scale
+and stops it.
+
 Exact in float arithmetic (the rewrite changes rounding only), so a model smoothed and not
 quantized computes what it did. Needs calibration data; without it, does nothing. MatMuls named in
 `options["quantize_exclude"]` are left alone.
@@ -104,6 +112,70 @@ def _groups(graph: gs.Graph, excluded) -> list[tuple[gs.Variable, list[gs.Node]]
     return found
 
 
+# Ops that commute with a positive per-channel scale on axis 1: f(x / s) = f(x) / s.
+SCALE_COMMUTING_OPS = ("Relu", "LeakyRelu", "MaxPool")
+
+
+def _conv_weight(node: gs.Node) -> np.ndarray | None:
+    """A Conv's constant float weight as [C_in, C_out, taps], for a Conv of group 1."""
+    if node.op != "Conv" or (node.domain and node.domain not in ir.DEFAULT_DOMAINS) or int(node.attrs.get("group", 1)) != 1:
+        return None
+    w = ir.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.dtype != np.float32 or w.ndim < 3:
+        return None
+    return np.ascontiguousarray(np.swapaxes(w.reshape(w.shape[0], w.shape[1], -1), 0, 1))
+
+
+def _conv_groups(graph: gs.Graph, excluded) -> list[tuple[gs.Variable, list[gs.Node], gs.Node]]:
+    """(activation, the Convs reading it, the Conv whose output channels it carries through
+    scale-commuting ops), where 1/s can go into that Conv: every tensor between read only by the
+    chain, the activation read only by the Convs."""
+    outputs = {id(t) for t in graph.outputs}
+    found = []
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Variable) or id(t) in outputs or not t.outputs:
+            continue
+        readers = list(t.outputs)
+        if not all(n.op == "Conv" and n.inputs[0] is t and _conv_weight(n) is not None and n.name not in excluded for n in readers):
+            continue
+        if len({_conv_weight(n).shape[0] for n in readers}) != 1:
+            continue
+        current, node = t, ir.producer(t)
+        while node is not None and node.op in SCALE_COMMUTING_OPS and len(node.outputs) == 1 and not (node.domain and node.domain not in ir.DEFAULT_DOMAINS):
+            if node.op == "LeakyRelu" and float(node.attrs.get("alpha", 0.01)) < 0:
+                break
+            current = node.inputs[0]
+            if len(current.outputs) != 1 or id(current) in outputs:
+                node = None
+                break
+            node = ir.producer(current)
+        if node is None or node.op != "Conv" or (node.domain and node.domain not in ir.DEFAULT_DOMAINS) or node.outputs[0] is not current:
+            continue
+        w = ir.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        bias = ir.constant_value(node.inputs[2]) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+        if w is None or w.dtype != np.float32 or w.shape[0] != _conv_weight(readers[0]).shape[0] or (
+                len(node.inputs) > 2 and not node.inputs[2].is_empty() and bias is None):
+            continue
+        if len(node.inputs[1].outputs) != 1 or (bias is not None and len(node.inputs[2].outputs) != 1):
+            continue  # a weight shared with another node must keep its value there
+        found.append((t, readers, node))
+    return found
+
+
+def _equalize_convs(ctx, readers: list[gs.Node], producer: gs.Node, s: np.ndarray) -> None:
+    """The producer's output channel j divided by s_j, the readers' input channel j multiplied by it."""
+    w = ir.constant_value(producer.inputs[1])
+    producer.inputs[1] = ir.make_constant(ctx.fresh_name(f"{producer.inputs[1].name}_equalized"),
+                                          (w / s.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32))
+    if len(producer.inputs) > 2 and not producer.inputs[2].is_empty():
+        producer.inputs[2] = ir.make_constant(ctx.fresh_name(f"{producer.inputs[2].name}_equalized"),
+                                              (ir.constant_value(producer.inputs[2]) / s).astype(np.float32))
+    for node in readers:
+        v = ir.constant_value(node.inputs[1])
+        node.inputs[1] = ir.make_constant(ctx.fresh_name(f"{node.inputs[1].name}_equalized"),
+                                          (v * s.reshape(1, -1, *[1] * (v.ndim - 2))).astype(np.float32))
+
+
 def _folds_into_layernorm(t: gs.Variable, readers: list[gs.Node]) -> gs.Node | None:
     """The LayerNormalization producing `t`, if 1/s can go into its scale and bias."""
     producer = ir.producer(t)
@@ -144,14 +216,17 @@ def _output_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, outli
         xq = _fake_quantized_activation(xs / copies) * copies
     error = reference = 0.0
     for w in weights:
-        ws = w * s[:, None]
+        # [K, N], or a Conv's [K, N, taps]: one scale per N, over K and the taps.
+        ws = w * s.reshape(-1, *[1] * (w.ndim - 1))
         if copies is None:
             ws[outliers] = 0.0
         q, scale = weight_int8(ws, axis=1)
-        y = x @ w
-        approx = xq @ (q.astype(np.float32) * scale)
+        scale = scale.reshape(-1, *[1] * (w.ndim - 2))
+        flat = w.reshape(len(w), -1)
+        y = x @ flat
+        approx = xq @ (q.astype(np.float32) * scale).reshape(len(w), -1)
         if copies is None:
-            approx += x[:, outliers] @ w[outliers]
+            approx += x[:, outliers] @ flat[outliers]
         error += float(np.sum(np.square(y - approx)))
         reference += float(np.sum(np.square(y)))
     return error / reference if reference else 0.0
@@ -188,7 +263,7 @@ def _best_scales(stats, weights: list[np.ndarray], alphas, needs_mul: bool, spli
     None where nothing beats plain quantization by enough to pay for its nodes."""
     x = stats.rows.astype(np.float32)
     a = stats.abs_max
-    w = np.max([np.abs(v).max(axis=1) for v in weights], axis=0)
+    w = np.max([np.abs(v).reshape(len(v), -1).max(axis=1) for v in weights], axis=0)
     none = np.zeros(0, np.int64)
     baseline = _output_error(x, weights, np.ones(a.shape, np.float32), none)
     best, best_error = None, baseline * (MIN_GAIN_FOR_MUL if needs_mul else 1.0)
@@ -272,19 +347,30 @@ class SmoothActivations(Pass):
         if data is None:
             return PassResult(False)
         ctx.analysis("shapes")  # the float activations are found by their dtype
-        groups = _groups(graph, ctx.options.get("quantize_exclude", ()))
-        if not groups:
+        excluded = ctx.options.get("quantize_exclude", ())
+        groups = _groups(graph, excluded)
+        conv_groups = _conv_groups(graph, excluded) if ctx.options.get("equalize_convs", True) else []
+        if not groups and not conv_groups:
             return PassResult(False)
         for t, _ in groups:
             t.dtype = np.float32  # known now (see _groups); calibration observes typed tensors
         from graphopt import calibration, export
 
-        measured = calibration.channel_statistics(export.to_proto(ctx.model), data, [t.name for t, _ in groups],
+        axes = {t.name: -1 for t, _ in groups} | {t.name: 1 for t, _, _ in conv_groups}
+        measured = calibration.channel_statistics(export.to_proto(ctx.model), data, list(axes), axis=axes,
                                                   threads=ctx.options.get("threads") or 2, rows=SAMPLED_ROWS)
         alphas = tuple(ctx.options.get("smooth_alphas", DEFAULT_ALPHAS))
         splits = tuple(ctx.options.get("smooth_splits", DEFAULT_SPLITS))
         duplicates = tuple(ctx.options.get("smooth_duplicates", DUPLICATED_CHANNELS))
-        folded = multiplied = split = duplicated = 0
+        folded = multiplied = split = duplicated = equalized = 0
+        for t, readers, producer in conv_groups:
+            stats = measured.get(t.name)
+            if stats is None or stats.rows is None or not len(stats.rows):
+                continue
+            chosen = _best_scales(stats, [_conv_weight(n) for n in readers], alphas, needs_mul=False, splits=(), duplicates=())
+            if chosen is not None:
+                _equalize_convs(ctx, readers, producer, chosen.scales)
+                equalized += 1
         for t, readers in groups:
             stats = measured.get(t.name)
             if stats is None or stats.rows is None or not len(stats.rows):
@@ -327,8 +413,8 @@ class SmoothActivations(Pass):
                 split += 1
         if folded or multiplied:
             ir.toposort(graph)
-        return PassResult(bool(folded or multiplied), {"into_layernorm": folded, "with_mul": multiplied, "outliers_split_off": split,
-                                                       "channels_duplicated": duplicated})
+        return PassResult(bool(folded or multiplied or equalized), {"into_layernorm": folded, "with_mul": multiplied, "outliers_split_off": split,
+                                                                    "channels_duplicated": duplicated, "convs_equalized": equalized})
 
 
 def _split_off(graph, ctx, t, readers, weights, outliers) -> None:

@@ -157,12 +157,20 @@ class QuantizeStaticInt8(Pass):
     # The nodes an accuracy search may keep float, one at a time (graphopt/accuracy.py).
     layer_ops = WEIGHTED_OPS
 
-    def measurements(self, fp32, data, options: dict) -> dict:
+    def measurements(self, fp32, data, options: dict, target: str | None = None) -> dict:
         """What the pass measures on calibration data, once for all of an accuracy search's
-        candidates: every candidate quantizes a subset of the same tensors."""
-        from graphopt import calibration
+        candidates: every candidate quantizes a subset of the same tensors, with the same scales."""
+        from graphopt import calibration, targets
 
-        return {"calibration_statistics": calibration.collect(fp32, data, cache_dir=options.get("calibration_cache"))}
+        stats = calibration.collect(fp32, data, cache_dir=options.get("calibration_cache"))
+        measured = {"calibration_statistics": stats}
+        if options.get("bias_correction", True):
+            inputs = _weighted_inputs(fp32)
+            hardware = getattr(targets.get(target), "hardware", None) if target else None
+            params = _activation_params(stats, inputs, options.get("calibration_method", DEFAULT_METHOD),
+                                        hardware.int8_signedness if hardware is not None else "s8s8")
+            measured[_INPUT_MEANS] = _input_means(fp32, data, inputs, params, options)
+        return measured
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if ctx.opset < MIN_OPSET:
@@ -189,21 +197,22 @@ class QuantizeStaticInt8(Pass):
             stats = calibration.collect(fp32, data, [t.name for t in measured], cache_dir=ctx.options.get("calibration_cache"))
         hardware = getattr(ctx.target, "hardware", None)
         signedness = hardware.int8_signedness if hardware is not None else "s8s8"
+        values = _activation_params(stats, {t.name: 0 for t in measured}, method, signedness)
         params: dict[int, tuple[gs.Constant, gs.Constant]] = {}
         for t in measured:
-            r = stats.range(t.name, method)
-            if r is None:
-                continue
-            scale, zero = calibration.activation_int8(r[0], r[1], signedness)
-            params[id(t)] = (ir.make_constant(ctx.fresh_name(f"{t.name}_scale"), scale),
-                             ir.make_constant(ctx.fresh_name(f"{t.name}_zero_point"), zero))
+            if t.name in values:
+                scale, zero = values[t.name]
+                params[id(t)] = (ir.make_constant(ctx.fresh_name(f"{t.name}_scale"), scale),
+                                 ir.make_constant(ctx.fresh_name(f"{t.name}_zero_point"), zero))
         for tid, source in p.same_scale_as.items():
             if id(source) in params:
                 params[tid] = params[id(source)]
+        quantized = [node for node in p.weighted if id(node.inputs[0]) in params]
+        corrected = 0
+        if data is not None and ctx.options.get("bias_correction", True):
+            corrected = _correct_biases(quantized, fp32, data, {n.inputs[0].name: values[n.inputs[0].name] for n in quantized}, ctx)
         weights = biases = 0
-        for node in p.weighted:
-            if id(node.inputs[0]) not in params:
-                continue
+        for node in quantized:
             weights += 1
             biases += _quantize_weights(node, params[id(node.inputs[0])][0], ctx)
         pairs = 0
@@ -222,7 +231,122 @@ class QuantizeStaticInt8(Pass):
             ctx.analyses.invalidate()
             return PassResult(False, {}, [decision])
         return PassResult(bool(pairs), {"quantized_weights": weights, "int32_biases": biases, "qdq_pairs": pairs,
-                                        f"method_{method}": 1}, [decision] if decision else [])
+                                        "biases_corrected": corrected, f"method_{method}": 1}, [decision] if decision else [])
+
+
+def _activation_params(stats, names, method: str, signedness: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tensor: (scale, zero point)} of each named tensor's per-tensor int8 pair, from its range."""
+    from graphopt import calibration
+
+    params = {}
+    for name in names:
+        r = stats.range(name, method) if name in stats.tensors else None
+        if r is not None:
+            params[name] = calibration.activation_int8(r[0], r[1], signedness)
+    return params
+
+
+# Bias correction: each quantized layer's rounding of its weights, and the rounding and clipping
+# of its input, shift the mean of every output channel by
+#     E[W x] - E[W_q Q(x)] = W E[x] - W_q E[Q(x)]     (summed over a Conv's kernel taps),
+# a systematic error that the next layers carry forward and that per-channel noise does not
+# average away (Nagel et al. 2019, "Data-Free Quantization", section 4.2; the empirical variant).
+# The shift is added to the layer's bias before the bias is quantized. Both means are measured on
+# the fp32 model's activations, so each layer corrects its own error only and the corrections do
+# not compound; a Conv's padding is not modelled (border pixels see fewer taps).
+_INPUT_MEANS = "bias_correction_means"
+
+
+def _weighted_inputs(model) -> dict[str, int]:
+    """{input tensor: channel axis} of every Conv/Gemm/MatMul by a constant weight in the model."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return {n.input[0]: 1 if n.op_type == "Conv" else -1 for n in model.graph.node
+            if n.op_type in WEIGHTED_OPS and n.domain in ("", "ai.onnx") and len(n.input) > 1 and n.input[1] in constants}
+
+
+def _input_means(fp32, data, axes: dict[str, int], params, options) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tensor: (E[x], E[Q(x)]) per input channel} on the calibration data, for tensors with a pair."""
+    from graphopt import calibration
+
+    names = [n for n in axes if n in params]
+    if not names:
+        return {}
+    stats = calibration.channel_statistics(fp32, data, names, axis={n: axes[n] for n in names}, quantized=params,
+                                           threads=options.get("threads") or 2)
+    return {n: (m.mean, m.quantized_mean) for n, m in stats.items()}
+
+
+def _correct_biases(nodes: list[gs.Node], fp32, data, params, ctx: PassContext) -> int:
+    """Adds each node's measured output-mean shift to its float bias (see above); the count corrected."""
+    from graphopt.calibration import int8_weight_levels, weight_int8
+
+    known = ctx.options.get(_INPUT_MEANS) or {}
+    wanted = {n.inputs[0].name: 1 if n.op == "Conv" else -1 for n in nodes}
+    if not set(wanted) <= set(known):
+        known = _input_means(fp32, data, wanted, params, ctx.options)
+    corrected = 0
+    for node in nodes:
+        means = known.get(node.inputs[0].name)
+        if means is None:
+            continue
+        w = ir.constant_value(node.inputs[1]).astype(np.float64)
+        axis = _weight_axis(node)
+        q, scale = weight_int8(w, axis, int8_weight_levels(ctx.target))
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        w_q = q.astype(np.float64) * scale.astype(np.float64).reshape(shape)
+        shift = _output_mean(node, w, means[0]) - _output_mean(node, w_q, means[1])
+        if shift is not None and np.all(np.isfinite(shift)) and _add_to_bias(node, shift, ctx):
+            corrected += 1
+    return corrected
+
+
+def _output_mean(node: gs.Node, w: np.ndarray, input_mean: np.ndarray) -> np.ndarray | None:
+    """E[y] per output channel of the node without its bias, given E[x] per input channel."""
+    if node.op == "Conv":
+        groups = int(node.attrs.get("group", 1))
+        out_channels, in_per_group = w.shape[0], w.shape[1]
+        if input_mean.size != groups * in_per_group:
+            return None
+        taps = w.reshape(groups, out_channels // groups, in_per_group, -1).sum(axis=-1)
+        return np.einsum("goi,gi->go", taps, input_mean.reshape(groups, in_per_group)).reshape(-1)
+    matrix = w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w  # [K, N]
+    return input_mean @ matrix if input_mean.size == matrix.shape[0] else None
+
+
+def _add_to_bias(node: gs.Node, shift: np.ndarray, ctx: PassContext) -> bool:
+    """Adds `shift` to the node's bias: its bias input (created for a Conv without one), or the
+    constant of the Add that is a MatMul's bias."""
+    if node.op in ("Conv", "Gemm"):
+        if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0 and len(node.inputs) > 2:
+            return False
+        if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+            bias = ir.constant_value(node.inputs[2])
+            if bias is None or bias.shape != shift.shape:
+                return False
+        else:
+            bias = np.zeros(shift.shape, np.float32)
+        name = node.inputs[2].name if len(node.inputs) > 2 and not node.inputs[2].is_empty() else f"{node.name}_bias"
+        corrected = ir.make_constant(ctx.fresh_name(f"{name}_corrected"), (bias + shift).astype(np.float32))
+        if len(node.inputs) > 2:
+            node.inputs[2] = corrected
+        else:
+            node.inputs.append(corrected)
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        return True
+    y = node.outputs[0]
+    add = y.outputs[0] if len(y.outputs) == 1 and y.outputs[0].op == "Add" else None
+    if add is None:
+        return False
+    index = next((i for i, t in enumerate(add.inputs) if t is not y), None)
+    bias = ir.constant_value(add.inputs[index]) if index is not None else None
+    if bias is None or bias.shape[-1:] != shift.shape or bias.size != shift.size or len(add.inputs[index].outputs) != 1:
+        return False  # a bias broadcast another way, or shared with another node, keeps its value
+    add.inputs[index] = ir.make_constant(ctx.fresh_name(f"{add.inputs[index].name}_corrected"),
+                                         (bias + shift.reshape(bias.shape)).astype(np.float32))
+    return True
 
 
 # The int8 model must be at least this much faster than fp32, measured, to be kept: below it, the
@@ -278,11 +402,11 @@ def _insert_pair(graph: gs.Graph, t: gs.Variable, scale: gs.Constant, zero: gs.C
 
 def _quantize_weights(node: gs.Node, x_scale: gs.Constant, ctx: PassContext) -> int:
     """int8 per-channel weight behind a DequantizeLinear; an int32 bias when its scale allows. Returns 1 if the bias became int32."""
-    from graphopt.calibration import weight_int8
+    from graphopt.calibration import int8_weight_levels, weight_int8
 
     axis = _weight_axis(node)
     w_tensor = node.inputs[1]
-    q, w_scale = weight_int8(ir.constant_value(w_tensor), axis)
+    q, w_scale = weight_int8(ir.constant_value(w_tensor), axis, int8_weight_levels(ctx.target))
     node.inputs[1] = _dequantized(q, w_scale, np.zeros(w_scale.shape, np.int8), axis, w_tensor.name, ctx)
     w_scale = w_scale.astype(np.float64)
     bias_index = 2
