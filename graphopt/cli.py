@@ -163,6 +163,9 @@ def _load_target_files(paths) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model path [default: <name>.opt.onnx, or .opt.ort].")
 @click.option("--format", "artifact_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="onnx, or ort: onnxruntime's own offline conversion of the result. Either way a <output>.session.json beside it holds the session options to deploy it with.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tvm"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: write the optimized model; tvm: compile it with Apache TVM into a shared library (<output>.json beside it: its manifest), loaded with graphopt.runtime.load.")
+@click.option("--db", "tuning_db", type=click.Path(file_okay=False), help="With --backend tvm: the tuning database `graphopt tune` wrote, applied without tuning again.")
 @click.option("--passes", help="Comma-separated passes to run instead of the level's pipeline.")
 @click.option("--disable", help="Comma-separated passes to leave out.")
 @click.option("--cleanup/--no-cleanup", default=True, show_default=True, help="End a --passes list with dce (unless it already ends with it).")
@@ -189,7 +192,7 @@ def _load_target_files(paths) -> None:
 @_shape_options
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
-def run(model, target, target_files, opt_level, output, artifact_format, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
+def run(model, target, target_files, opt_level, output, artifact_format, backend, tuning_db, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
         quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, smooth, dump_ir, fold_input_defaults, fold_size_limit,
         input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
@@ -201,18 +204,35 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
 
     _load_target_files(target_files)
     tgt = targets.get(target)  # fail fast on an unknown target, before any model work
+    if backend == "tvm":
+        from graphopt.targets.backends import tvm as tvm_backend
+
+        tvm_backend.import_tvm()  # and on a missing TVM or a target it cannot compile for
+        tgt = tvm_backend.for_tvm(tgt)
+        tvm_backend.tvm_target(tgt)
+        if artifact_format == "ort":
+            raise GraphoptError("--format ort is onnxruntime's; --backend tvm writes a shared library")
+        if tuning_db and not Path(tuning_db).is_dir():
+            raise GraphoptError(f"tuning database {tuning_db} is not a folder (graphopt tune --db DIR writes one)")
+    elif tuning_db:
+        raise GraphoptError("--db is the TVM tuning database; add --backend tvm")
     load_plugins(plugins)  # and on a broken plugin
     feedback = Feedback(err_console, quiet=quiet)
     input_files: set[Path] = set()
     proto, path, specialization = _load(model, feedback, input_files, input_shapes, dims)
     check_opset(proto, tgt)  # before verification runs the original
+    if backend == "tvm":
+        tvm_backend.static_signature(proto)  # refuses dynamic inputs before any work
     name = Path(path).name if path else model[4:] + ".onnx"
     from graphopt.targets.backends import onnxruntime as ort_backend
 
     if artifact_format == "ort" and tgt.runtime != "onnxruntime":
         raise GraphoptError(f"target {tgt.full_name} names no runtime, so it has no .ort artifact; use --format onnx")
-    out = Path(output) if output else Path(Path(name).stem + f".opt.{artifact_format}")
+    suffix = "so" if backend == "tvm" else artifact_format
+    out = Path(output) if output else Path(Path(name).stem + f".opt.{suffix}")
     written = {"output": out, "output's external data": out.with_name(out.name + ".data")}
+    if backend == "tvm":
+        written["manifest"] = tvm_backend.manifest_path(out)
     session_json = ort_backend.session_options_path(out) if tgt.runtime == "onnxruntime" else None
     if session_json is not None:
         written["session options"] = session_json
@@ -292,8 +312,10 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
             accuracy_budget=budget,
             executor=executor,
             progress=feedback.update,
+            backend=backend,
         )
     report.verification_inputs = input_record
+    verified = {}
 
     def check_fidelity(staged: Path) -> None:
         # Verification reads the staged file, so onnxruntime needs no serialized copy of the model,
@@ -309,6 +331,7 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
             if expected is None:
                 remedy = "pass real inputs with --inputs FILE.npz or skip verification with --no-verify"
                 expected = verify_mod.original_outputs(reference, inputs, remedy=remedy)
+            verified["expected"] = expected
             actual = verify_mod.run(str(staged), inputs)
             report.fidelity = verify_mod.compare(expected, actual, rtol=rtol, atol=atol)
         if budget is not None:
@@ -323,7 +346,9 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
 
     try:
         with feedback.phase(f"writing {out}"):
-            if artifact_format == "ort":
+            if backend == "tvm":
+                _write_tvm(result, out, tgt, check_fidelity, verified, budget, report, rtol, atol, tuning_db, feedback, inputs if verify else None)
+            elif artifact_format == "ort":
                 _write_ort(result, out, tgt, check_fidelity, inputs if verify else None, report, rtol, atol)
             else:
                 export.save(result, out, validate=check_fidelity)
@@ -335,7 +360,9 @@ def run(model, target, target_files, opt_level, output, artifact_format, passes,
     report.output = str(out)
     _finish_report(report, report_path, quiet, verbose)
     if not quiet:
-        console.print(f"wrote [bold]{escape(str(out))}[/bold]" + (f" and its session options {escape(str(session_json))}" if session_json else ""))
+        beside = (f" and its session options {escape(str(session_json))}" if session_json else
+                  f" and its manifest {escape(str(tvm_backend.manifest_path(out)))}" if backend == "tvm" else "")
+        console.print(f"wrote [bold]{escape(str(out))}[/bold]" + beside)
 
 
 def _calibration_data(source: str | None, proto, feedback):
@@ -380,6 +407,55 @@ def _write_ort(result, out: Path, tgt, check_fidelity, inputs, report, rtol: flo
             converted = verify_mod.compare(verify_mod.run(str(staged_onnx), inputs), verify_mod.run(str(staged_ort), inputs), rtol=rtol, atol=atol)
             verify_mod.require_within_tolerance(converted, rtol, atol, "; the .ort conversion moved the outputs, nothing written")
         os.replace(staged_ort, out)
+
+
+# Interleaved rounds timing a TVM library against onnxruntime after a build, within this many
+# seconds: untuned TVM code can take seconds per run (ResNet-18: 1.6-3.3 s), and the build step
+# must not turn into a benchmark.
+TVM_TIMING_ROUNDS, TVM_TIMING_SECONDS = 10, 15.0
+
+
+def _write_tvm(result, out: Path, tgt, check_fidelity, verified: dict, budget, report, rtol: float, atol: float, tuning_db,
+               feedback, inputs) -> None:
+    """The TVM library: the checked .onnx staged beside `out`, compiled, the library verified
+    against the original (where this machine runs it) and timed against onnxruntime, and only
+    then renamed onto `out` with its manifest."""
+    import tempfile
+    import time
+
+    import onnx
+
+    from graphopt import export, runtime
+    from graphopt import verify as verify_mod
+    from graphopt.targets.backends import tvm as tvm_backend
+
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".") as tmp:
+        staged_onnx, staged_library = Path(tmp) / "model.onnx", Path(tmp) / out.name
+        export.save(result, staged_onnx, validate=check_fidelity)
+        proto = onnx.load(str(staged_onnx))
+        db = Path(tuning_db) if tuning_db else None
+        start = time.perf_counter()
+        with feedback.phase(f"compiling with TVM for {tgt.full_name}" + (f" with tuning database {db}" if db else " (untuned)")):
+            tvm_backend.export(tvm_backend.compile_model(proto, tgt, db), tgt, staged_library)
+        manifest = tvm_backend.manifest(proto, tgt, db, staged_library)
+        tvm_backend.write_manifest(manifest, tvm_backend.manifest_path(staged_library))
+        record = {**manifest, "compile_seconds": round(time.perf_counter() - start, 3), "verified": False}
+        if inputs is not None and tvm_backend.runs_here(tgt):
+            with feedback.phase("verifying the TVM library against the original"):
+                library = runtime.load(staged_library)
+                actual = library(inputs)
+                expected = verified.get("expected") or verify_mod.run(str(staged_onnx), inputs)
+                if budget is not None:
+                    budget.require([expected], [actual], "; the TVM library moved the outputs, nothing written")
+                else:
+                    fidelity = verify_mod.compare(expected, actual, rtol=rtol, atol=atol)
+                    verify_mod.require_within_tolerance(fidelity, rtol, atol, "; the TVM library moved the outputs, nothing written")
+                record["verified"] = True
+            with feedback.phase("timing the TVM library against onnxruntime"):
+                record["measured"] = tvm_backend.time_against_onnxruntime(library, str(staged_onnx), inputs, TVM_TIMING_ROUNDS, TVM_TIMING_SECONDS)
+        os.replace(staged_library, out)
+        os.replace(tvm_backend.manifest_path(staged_library), tvm_backend.manifest_path(out))
+    report.backend = record
 
 
 def _finish_report(report, report_path, quiet: bool = False, verbose: bool = False) -> None:
@@ -471,6 +547,22 @@ def _print_report(report, verbose: bool = False) -> None:
         err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)
     if report.fidelity is not None:
         _print_fidelity(report.fidelity, report.verification_inputs)
+    _print_backend(report.backend)
+
+
+def _print_backend(b: dict | None) -> None:
+    if b is None:
+        return
+    tuned = f"tuning database {b['tuning_database']}" if b["tuning_database"] else "untuned (graphopt tune MODEL --db DIR tunes it)"
+    console.print(f"TVM {b['tvm_version']}: compiled for {json.dumps(b['tvm_target'])} in {b['compile_seconds']:.1f} s, {tuned}", highlight=False)
+    m = b.get("measured")
+    if m is not None:
+        how = f"{m['ratio']:.2f}x onnxruntime's time ({'slower' if m['ratio'] > 1 else 'faster'})"
+        console.print(f"TVM library on this machine: {m['tvm_ms']:.3f} ms against onnxruntime's {m['onnxruntime_ms']:.3f} ms "
+                      f"(median of {m['rounds']} interleaved rounds): {how}", highlight=False)
+    elif not b["verified"]:
+        console.print("the TVM library was not run here (another architecture, or a GPU library): load it with graphopt.runtime.load there",
+                      highlight=False)
 
 
 def _print_cost_decisions(report) -> None:

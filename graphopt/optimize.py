@@ -46,11 +46,15 @@ class Report:
     # The accuracy search of a quantized run (graphopt.accuracy.SearchResult.to_dict()): the
     # budget, per-layer sensitivity and SQNR, the layers kept float and why.
     quantization: dict | None = None
+    # What a code-generating backend built (targets/backends/tvm.py): its manifest, the build's
+    # seconds and the library's measured time against onnxruntime's where it was measured.
+    backend: dict | None = None
 
     def to_dict(self) -> dict:
         return {
             "source": self.source,
             "output": self.output,
+            "backend": self.backend,
             "versions": versions(),
             "target": self.target,
             "opt_level": self.opt_level,
@@ -167,6 +171,7 @@ def optimize_model(
     executor: Any = None,
     progress: Any = None,
     sensitivity: bool = False,
+    backend: str = "onnxruntime",
 ) -> tuple[ir.Model, Report]:
     """Optimize a model into graphopt's IR, ready for `export.save` (which streams it to disk).
 
@@ -175,11 +180,18 @@ def optimize_model(
     pipelines.build_pipeline). `specialization` is what `specialize.specialize_proto`
     did to `proto` beforehand, for the report. `instruments` join the pass manager's (progress,
     for example). `quantize` ("int8") ends the pipeline with that quantization, calibrated on
-    `calibration_data` (graphopt.calibration.CalibrationData).
+    `calibration_data` (graphopt.calibration.CalibrationData). `backend` "tvm" optimizes for TVM's
+    compilation of the result: standard ops only (targets/backends/tvm.py, for_tvm).
     """
     from graphopt import targets
 
     tgt = targets.get(target)
+    if backend == "tvm":
+        from graphopt.targets.backends.tvm import for_tvm
+
+        tgt = for_tvm(tgt)
+    elif backend != "onnxruntime":
+        raise GraphoptError(f"unknown backend '{backend}'; known: onnxruntime, tvm")
     notes = []
     if quantize == "int8":
         proto, converted = _opset_for_per_channel(proto)

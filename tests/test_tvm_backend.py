@@ -1,0 +1,131 @@
+"""--backend tvm (targets/backends/tvm.py) and its loader (graphopt.runtime): a library that
+computes what the ONNX model does, a manifest that says what it takes, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import export, models, runtime, targets
+from graphopt.optimize import optimize_model
+from graphopt.targets.backends import tvm as tvm_backend
+
+pytest.importorskip("tvm", reason="the tvm extra is not installed")
+
+EXIT_BAD_INPUT = 2
+
+
+def _ort(proto, feeds):
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_run_builds_a_library_that_computes_what_the_model_does(cli, tmp_path):
+    out = tmp_path / "digits.so"
+    proc = cli("run", "zoo:digits_cnn", "--backend", "tvm", "--dim", "batch=1", "-o", out, "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(tvm_backend.manifest_path(out).read_text())
+    assert manifest["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert manifest["outputs"][0]["name"] == "output" and manifest["target"] == "x86_64:host"
+    assert manifest["tvm_target"]["kind"] == "llvm" and manifest["tuning_database"] is None
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["backend"]["verified"] and report["backend"]["measured"]["ratio"] > 0
+    assert "TVM library on this machine" in proc.stdout
+    feeds, _ = models.eval_data("digits_cnn")
+    x = feeds["input"][:1]
+    expected = _ort(models.load("digits_cnn"), {"input": x})[0]
+    got = runtime.load(out)({"input": x})
+    assert list(got) == ["output"]
+    np.testing.assert_allclose(got["output"], expected, rtol=1e-4, atol=1e-4)
+    # The manifest itself loads too, and a wrong shape is refused by name.
+    with pytest.raises(ValueError, match="input input has shape"):
+        runtime.load(tvm_backend.manifest_path(out))(input=np.zeros((2, 1, 8, 8), np.float32))
+
+
+def test_dynamic_inputs_are_refused_by_name_and_nothing_is_written(cli, tmp_path):
+    out = tmp_path / "digits.so"
+    proc = cli("run", "zoo:digits_cnn", "--backend", "tvm", "-o", out)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert "inputs are dynamic: input ['batch', 1, 8, 8]" in proc.stderr and "--dim" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2 and not out.exists() and not tvm_backend.manifest_path(out).exists()
+
+
+def _two_outputs() -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["relu"]), helper.make_node("Sigmoid", ["h"], ["gate"])],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("gate", TensorProto.FLOAT, [4, 8]), helper.make_tensor_value_info("relu", TensorProto.FLOAT, [4, 8])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_outputs_keep_their_names_and_order(cli, tmp_path):
+    model = tmp_path / "two.onnx"
+    onnx.save(_two_outputs(), model)
+    out = tmp_path / "two.so"
+    assert cli("run", model, "--backend", "tvm", "-o", out).returncode == 0
+    x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    got = runtime.load(out)(x=x)
+    assert list(got) == ["gate", "relu"]
+    for name, expected in zip(("gate", "relu"), _ort(_two_outputs(), {"x": x})):
+        np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_contrib_op_is_refused_naming_the_node(cli, tmp_path):
+    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], name="the_gelu", domain="com.microsoft")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    model = tmp_path / "gelu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), model)
+    proc = cli("run", model, "--backend", "tvm", "-O", "0", "-o", tmp_path / "g.so")
+    assert proc.returncode == EXIT_BAD_INPUT and "the_gelu" in proc.stderr
+    assert not (tmp_path / "g.so").exists()
+
+
+def test_the_tvm_target_emits_standard_ops_only_and_skips_onnxruntime_workarounds():
+    proto = models.load("bert_tiny")
+    result, report = optimize_model(proto, target="x86_64", opt_level=3, backend="tvm")
+    domains = {n.domain for n in export.to_proto(result).graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    assert "residual-add-as-sum" not in [p.name for p in report.passes]
+    _, ort_report = optimize_model(models.load("bert_tiny"), target="x86_64", opt_level=3)
+    assert "residual-add-as-sum" in [p.name for p in ort_report.passes]  # what for_tvm leaves out
+
+
+def test_host_features_come_from_the_cpu_flags_not_the_chip_name():
+    # An AVX2 EPYC virtual machine: LLVM names the chip znver4, whose AVX-512 the VM masks off.
+    assert tvm_backend.host_x86_features({"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}) == ("x86-64-v3", [])
+    sapphire = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
+                "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"}
+    mcpu, mattr = tvm_backend.host_x86_features(sapphire)
+    assert mcpu == "x86-64-v4" and {"+avx512vnni", "+amx-int8"} <= set(mattr)
+
+
+def test_target_descriptions():
+    arm = tvm_backend.tvm_target(targets.get("arm64:neoverse-v1"))
+    assert arm["mtriple"] == "aarch64-linux-gnu" and {"+sve", "+i8mm", "+dotprod"} <= set(arm["mattr"])
+    cuda = tvm_backend.tvm_target(targets.get("cuda"))
+    assert cuda["kind"] == "cuda" and cuda["arch"].startswith("sm_") and cuda["host"]["kind"] == "llvm"
+    with pytest.raises(Exception, match="x86_64, arm64 or cuda"):
+        tvm_backend.tvm_target(targets.get("generic"))
+
+
+def test_arm64_without_the_cross_compiler_is_a_one_line_error(cli, tmp_path, monkeypatch):
+    if shutil.which(tvm_backend.ARM64_CROSS_COMPILER):
+        pytest.skip("the cross compiler is installed here")
+    proc = cli("run", "zoo:digits_cnn", "--backend", "tvm", "--dim", "batch=1", "--target", "arm64", "-o", tmp_path / "d.so")
+    assert proc.returncode == EXIT_BAD_INPUT and "aarch64-linux-gnu-gcc" in proc.stderr and "apt-get install gcc-aarch64-linux-gnu" in proc.stderr
+    assert not (tmp_path / "d.so").exists()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="TVM's CUDA code generation compiles with nvcc, not installed here")
+def test_cuda_library_builds_without_a_gpu(cli, tmp_path):
+    out = tmp_path / "digits_cuda.so"
+    proc = cli("run", "zoo:digits_cnn", "--backend", "tvm", "--dim", "batch=1", "--target", "cuda", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 0 and json.loads(tvm_backend.manifest_path(out).read_text())["device"] == "cuda"
+    assert "was not run here" in proc.stdout
