@@ -672,6 +672,75 @@ def _print_fidelity(fidelity, inputs: dict | None = None) -> None:
     console.print(table)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--target", "-t", default="x86_64", show_default=True, help="Target to tune for: FAMILY or FAMILY:VARIANT (x86_64, arm64, cuda).")
+@_target_file_option
+@click.option("-O", "opt_level", type=click.IntRange(0, 3), default=2, show_default=True, help="Tune the graph `run -O LEVEL --backend tvm` compiles.")
+@click.option("--trials", type=click.IntRange(min=0), default=256, show_default=True, help="Measured candidates in all, over the tasks the database lacks.")
+@click.option("--db", "tuning_db", required=True, type=click.Path(file_okay=False), help="The tuning database folder: created, or extended (tasks it holds are not tuned again).")
+@_plugin_option
+@_shape_options
+@_quiet_option
+def tune(model, target, target_files, opt_level, trials, tuning_db, plugins, input_shapes, dims, quiet):
+    """Tune MODEL's TVM kernels with MetaSchedule into a database that `run --backend tvm --db DIR` applies."""
+    import logging
+    import tempfile
+    import time
+
+    from graphopt import export, runtime, targets
+    from graphopt import verify as verify_mod
+    from graphopt.feedback import Feedback
+    from graphopt.optimize import check_opset, optimize_model
+    from graphopt.plugins import load_plugins
+    from graphopt.targets.backends import tvm as tvm_backend
+    from graphopt.targets.backends import tvm_tuning
+
+    _load_target_files(target_files)
+    tvm_backend.import_tvm()
+    tgt = tvm_backend.for_tvm(targets.get(target))
+    tvm_backend.tvm_target(tgt)
+    if target.startswith("cuda"):
+        raise GraphoptError("graphopt tune measures candidates on this machine, which has no GPU runner here; tune for cuda on a GPU machine")
+    if not tvm_backend.runs_here(tgt):
+        raise GraphoptError(f"graphopt tune measures candidates on this machine, which cannot run {tgt.full_name} code")
+    db = Path(tuning_db)
+    if db.exists() and not db.is_dir():
+        raise GraphoptError(f"tuning database {db} is not a folder")
+    load_plugins(plugins)
+    feedback = Feedback(err_console, quiet=quiet)
+    proto, _, _ = _load(model, feedback, None, input_shapes, dims)
+    check_opset(proto, tgt)
+    tvm_backend.static_signature(proto)
+    with feedback.phase(f"optimizing for {target} at -O{opt_level} (the graph run --backend tvm compiles)"):
+        result, _ = optimize_model(proto, target=target, opt_level=opt_level, backend="tvm")
+        optimized = export.to_proto(result)
+    start = time.perf_counter()
+    # MetaSchedule logs every round's task table at INFO: the progress line says enough.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    with feedback.phase(f"tuning with up to {trials} trials into {db}"):
+        record = tvm_tuning.tune(optimized, tgt, db, trials, progress=lambda done: feedback.update(f"{done} of {trials} trials measured"))
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    with tempfile.TemporaryDirectory(prefix=".graphopt-tune-") as tmp:
+        library, staged_onnx = Path(tmp) / "model.so", Path(tmp) / "model.onnx"
+        with feedback.phase("compiling with the database"):
+            tvm_backend.export(tvm_backend.compile_model(optimized, tgt, db), tgt, library)
+            tvm_backend.write_manifest(tvm_backend.manifest(optimized, tgt, db, library), tvm_backend.manifest_path(library))
+        import onnx
+
+        onnx.save(optimized, str(staged_onnx))
+        feeds = verify_mod.make_inputs(optimized)
+        with feedback.phase("timing the tuned library against onnxruntime"):
+            record["measured"] = tvm_backend.time_against_onnxruntime(runtime.load(library), str(staged_onnx), feeds, 10, 30.0)
+    if not quiet:
+        m = record["measured"]
+        console.print(f"{record['tasks']} tasks: {record['tuned_tasks']} tuned with {record['trials']} trials "
+                      f"({record.get('failed_trials', 0)} failed) in {record['seconds']:.0f} s, {record['reused_tasks']} already in {escape(str(db))}",
+                      highlight=False)
+        console.print(f"tuned TVM on this machine: {m['tvm_ms']:.3f} ms against onnxruntime's {m['onnxruntime_ms']:.3f} ms: "
+                      f"{m['ratio']:.2f}x onnxruntime's time ({'slower' if m['ratio'] > 1 else 'faster'})", highlight=False)
+
+
 @cli.command("quantize-report")
 @click.argument("model")
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4"]), default="int8", show_default=True)

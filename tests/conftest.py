@@ -29,12 +29,17 @@ def _cli_env(tmp_cache: Path, columns: int) -> dict[str, str]:
 
 
 def _runner(tmp_cache: Path, columns: int) -> Callable[..., subprocess.CompletedProcess]:
-    def run(*args: str, cwd: str | os.PathLike | None = None, exe: list[str] | None = None, timeout: float = CLI_TIMEOUT_S):
+    def run(*args: str, cwd: str | os.PathLike | None = None, exe: list[str] | None = None, timeout: float = CLI_TIMEOUT_S,
+            env_path: str | None = None):
+        """env_path: a folder put first on PATH (tools the command looks up, such as a cross compiler)."""
         cmd = (exe or [sys.executable, "-m", "graphopt.cli"]) + [str(a) for a in args]
+        env = _cli_env(tmp_cache, columns)
+        if env_path:
+            env["PATH"] = f"{env_path}{os.pathsep}{env.get('PATH', '')}"
         proc = subprocess.run(
             cmd,
             cwd=cwd,
-            env=_cli_env(tmp_cache, columns),
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,

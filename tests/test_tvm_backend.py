@@ -4,6 +4,7 @@ computes what the ONNX model does, a manifest that says what it takes, and one-l
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -129,3 +130,55 @@ def test_cuda_library_builds_without_a_gpu(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 0 and json.loads(tvm_backend.manifest_path(out).read_text())["device"] == "cuda"
     assert "was not run here" in proc.stdout
+
+
+def test_tune_writes_a_database_that_run_applies_and_a_second_tune_reuses(cli, tmp_path):
+    model, db = tmp_path / "two.onnx", tmp_path / "db"
+    onnx.save(_two_outputs(), model)
+    first = cli("tune", model, "--trials", "4", "--db", db, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"(\d+) tasks: \1 tuned with [1-9]\d* trials \(0 failed\)", first.stdout), first.stdout
+    assert "tuned TVM on this machine" in first.stdout and (db / "database_tuning_record.json").stat().st_size > 0
+    second = cli("tune", model, "--trials", "4", "--db", db, timeout=600)
+    assert re.search(r"(\d+) tasks: 0 tuned with 0 trials .* \1 already in", second.stdout), second.stdout
+    out = tmp_path / "two.so"
+    assert cli("run", model, "--backend", "tvm", "--db", db, "-o", out).returncode == 0
+    assert json.loads(tvm_backend.manifest_path(out).read_text())["tuning_database"] == tvm_backend.database_digest(db)
+    x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    for got, expected in zip(runtime.load(out)(x=x).values(), _ort(_two_outputs(), {"x": x})):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_db_needs_the_tvm_backend(cli, tmp_path):
+    proc = cli("run", "zoo:digits_cnn", "--db", tmp_path, "-o", tmp_path / "d.onnx")
+    assert proc.returncode == EXIT_BAD_INPUT and "--backend tvm" in proc.stderr
+
+
+@pytest.fixture(scope="session")
+def arm64_emulation():
+    from tests import arm64_emulation
+
+    try:
+        return arm64_emulation.prepare()
+    except arm64_emulation.Unavailable as why:
+        pytest.skip(f"arm64 emulation cannot be prepared here: {why}")
+
+
+@pytest.mark.arm64
+@pytest.mark.slow
+def test_resnet50_for_arm64_runs_correctly_under_emulation(cli, tmp_path, arm64_emulation):
+    from tests.arm64_emulation import run_library
+
+    out = tmp_path / "resnet50_arm64.so"
+    proc = cli("run", "zoo:resnet50", "--target", "arm64", "--backend", "tvm", "-o", out, timeout=900,
+               env_path=f"{arm64_emulation / 'bin'}")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(tvm_backend.manifest_path(out).read_text())
+    assert manifest["tvm_target"]["mtriple"] == "aarch64-linux-gnu" and "+dotprod" in manifest["tvm_target"]["mattr"]
+    with open(out, "rb") as f:
+        header = f.read(20)
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    got = run_library(arm64_emulation, out, {"input": x})
+    expected = _ort(models.load("resnet50"), {"input": x})[0]
+    np.testing.assert_allclose(got[manifest["outputs"][0]["name"]], expected, rtol=1e-3, atol=1e-4)

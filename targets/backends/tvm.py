@@ -117,7 +117,7 @@ def static_signature(proto: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
         inputs.append({"name": value.name, "shape": shape, "dtype": _dtype(value)})
     if dynamic:
         raise GraphoptError(f"--backend tvm compiles static shapes, and these inputs are dynamic: {'; '.join(dynamic)}; "
-                            "fix them with --input-shape NAME=D,D,... or --dim NAME=VALUE")
+                            "fix them with --input-shape NAME:D0,D1,... or --dim SYMBOL=VALUE")
     outputs = [{"name": v.name, "shape": [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim],
                 "dtype": _dtype(v)} for v in proto.graph.output]
     return inputs, outputs
@@ -138,22 +138,46 @@ def database_digest(db: Path | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def compile_model(proto: onnx.ModelProto, target, db: Path | None = None):
-    """The model compiled by TVM for the target: a relax executable, ready to export."""
-    tvm = import_tvm()
-    from tvm import relax
+def relax_module(proto: onnx.ModelProto):
+    """The model imported by TVM's Relax ONNX frontend at its static input shapes."""
+    import_tvm()
     from tvm.relax.frontend.onnx import from_onnx
 
     inputs, _ = static_signature(proto)
     try:
-        mod = from_onnx(proto, shape_dict={i["name"]: i["shape"] for i in inputs}, dtype_dict={i["name"]: i["dtype"] for i in inputs})
+        return from_onnx(proto, shape_dict={i["name"]: i["shape"] for i in inputs}, dtype_dict={i["name"]: i["dtype"] for i in inputs})
     except Exception as exc:  # noqa: BLE001 - the frontend raises many types; the user needs the op
         raise GraphoptError(f"TVM's ONNX frontend cannot import the model: {_one_line(exc)}") from None
-    target_spec = tvm_target(target)
-    tvm_tgt = tvm.target.Target(target_spec)
+
+
+def tuning_module(proto: onnx.ModelProto, tvm_tgt):
+    """The model lowered to the TIR functions tuning measures and a database is applied to (the
+    two must match structurally): decomposed for inference, fused, legalized, and with its constant
+    weights marked layout-free so that tuned schedules may store them pre-packed."""
+    import tvm
+    from tvm import relax
+
+    with tvm_tgt:
+        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+                                         relax.get_pipeline("zero"), relax.transform.AttachAttrLayoutFreeBuffers()])(relax_module(proto))
+
+
+def compile_model(proto: onnx.ModelProto, target, db: Path | None = None):
+    """The model compiled by TVM for the target: a relax executable, ready to export."""
+    tvm = import_tvm()
+    from tvm import relax
+
+    tvm_tgt = tvm.target.Target(tvm_target(target))
     if db is not None:
+        mod = tuning_module(proto, tvm_tgt)
         with tvm_tgt:
-            mod = relax.transform.MetaScheduleApplyDatabase(str(db))(relax.get_pipeline("zero")(mod))
+            # The tuned schedules read the weights in the blocked layouts they chose: the layout
+            # transforms split off and folded into the constants at compile time (prepacked
+            # weights), so the library's interface stays the ONNX model's.
+            mod = tvm.transform.Sequential([relax.transform.MetaScheduleApplyDatabase(str(db)), relax.transform.SplitLayoutRewritePreproc(),
+                                            relax.transform.FoldConstant()])(mod)
+    else:
+        mod = relax_module(proto)
     if target.name == "cuda":
         with tvm_tgt:
             from tvm.s_tir import dlight

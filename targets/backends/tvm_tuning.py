@@ -1,0 +1,95 @@
+"""graphopt tune: MetaSchedule tuning for the TVM backend, with the workarounds TVM 0.27 from PyPI
+needs here (../shared/notes/tvm-0.27.md), into a database that `run --backend tvm --db DIR` applies.
+
+* The runner's workers ask `tvm.runtime.device("llvm")`, which 0.27 does not know ("Unknown
+  device"): every measurement failed silently and the database stayed empty. `_cpu_device_alias`,
+  run in each runner worker, maps the target kind names to their devices.
+* The default builder imports tvm.s_tir.tensor_intrin in every worker (20-25 s per batch);
+  `_build` skips it (the tensor intrinsics serve GPU and VNNI tensorization rules, registered
+  where the schedule rules need them) and builds a batch in about 2 s.
+* Tasks the database already holds are not tuned again: a second model with the same workloads
+  (ResNet-18's and ResNet-50's 3x3 convolutions) reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from graphopt.errors import GraphoptError
+
+
+def _cpu_device_alias() -> None:
+    import tvm
+
+    original = tvm.runtime.device
+
+    def device(kind, index=0):
+        return original({"llvm": "cpu", "c": "cpu"}.get(kind, kind) if isinstance(kind, str) else kind, index)
+
+    tvm.runtime.device = device
+
+
+def _build(mod, target, _params):
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
+    """Tunes the model's tasks missing from the database at `db` with up to `trials` measured
+    candidates in all; {"tasks", "tuned_tasks", "reused_tasks", "trials"}."""
+    from graphopt.targets.backends import tvm as tvm_backend
+
+    tvm = tvm_backend.import_tvm()
+    import tvm.s_tir.meta_schedule as ms
+
+    tvm_tgt = tvm.target.Target(tvm_backend.tvm_target(target))
+    mod = tvm_backend.tuning_module(proto, tvm_tgt)
+    db = Path(db)
+    db.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(db))
+    tasks = ms.relax_integration.extract_tasks(mod, tvm_tgt)
+    missing = [t for t in tasks if not database.has_workload(t.dispatched[0])]
+    record = {"tasks": len(tasks), "tuned_tasks": len(missing), "reused_tasks": len(tasks) - len(missing), "trials": 0}
+    if not missing or trials <= 0:
+        return record
+    cores = os.cpu_count() or 1
+    counter = _trial_counter(progress)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(missing, str(db), num_threads=cores, seed=0)
+    ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(db),
+        max_trials_global=trials,
+        num_trials_per_iter=min(64, max(8, trials // max(1, len(missing)))),
+        builder=ms.builder.LocalBuilder(f_build=_build, max_workers=cores),
+        runner=ms.runner.LocalRunner(initializer=_cpu_device_alias),
+        database=database,
+        measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
+    )
+    record["trials"], record["failed_trials"] = counter.done, counter.failed
+    if counter.done and counter.failed == counter.done:
+        raise GraphoptError(f"every one of the {counter.done} tuning measurements failed; the database at {db} holds no tuned schedule")
+    return record
+
+
+def _trial_counter(progress):
+    """A measure callback counting measured candidates, calling progress(count) after each batch."""
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class TrialCounter(PyMeasureCallback):
+        def __init__(self):
+            self.done = 0
+            self.failed = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+            self.done += len(runner_results)
+            self.failed += sum(1 for r in runner_results if r.error_msg)
+            if progress is not None:
+                progress(self.done)
+
+    return TrialCounter()
