@@ -61,8 +61,7 @@ def bench_model(name: str, budgets: list[int], rounds: int, work: Path, target: 
     def build(label: str, db: Path | None) -> None:
         library = work / f"{name}.{label}.so"
         start = time.perf_counter()
-        tvm_backend.export(tvm_backend.compile_model(proto, tgt, db), tgt, library)
-        tvm_backend.write_manifest(tvm_backend.manifest(proto, tgt, db, library), tvm_backend.manifest_path(library))
+        tvm_backend.build(proto, tgt, db, library)
         info.setdefault(label, {})["compile_s"] = round(time.perf_counter() - start, 1)
         variants[label] = _Library(library)
 

@@ -436,9 +436,7 @@ def _write_tvm(result, out: Path, tgt, check_fidelity, verified: dict, budget, r
         db = Path(tuning_db) if tuning_db else None
         start = time.perf_counter()
         with feedback.phase(f"compiling with TVM for {tgt.full_name}" + (f" with tuning database {db}" if db else " (untuned)")):
-            tvm_backend.export(tvm_backend.compile_model(proto, tgt, db), tgt, staged_library)
-        manifest = tvm_backend.manifest(proto, tgt, db, staged_library)
-        tvm_backend.write_manifest(manifest, tvm_backend.manifest_path(staged_library))
+            manifest = tvm_backend.build(proto, tgt, db, staged_library)
         record = {**manifest, "compile_seconds": round(time.perf_counter() - start, 3), "verified": False}
         if inputs is not None and tvm_backend.runs_here(tgt):
             with feedback.phase("verifying the TVM library against the original"):
@@ -700,10 +698,8 @@ def tune(model, target, target_files, opt_level, trials, tuning_db, plugins, inp
     tvm_backend.import_tvm()
     tgt = tvm_backend.for_tvm(targets.get(target))
     tvm_backend.tvm_target(tgt)
-    if target.startswith("cuda"):
-        raise GraphoptError("graphopt tune measures candidates on this machine, which has no GPU runner here; tune for cuda on a GPU machine")
     if not tvm_backend.runs_here(tgt):
-        raise GraphoptError(f"graphopt tune measures candidates on this machine, which cannot run {tgt.full_name} code")
+        raise GraphoptError(f"graphopt tune measures candidates on this machine, which cannot run {tgt.full_name} code; tune on such a machine")
     db = Path(tuning_db)
     if db.exists() and not db.is_dir():
         raise GraphoptError(f"tuning database {db} is not a folder")
@@ -724,8 +720,7 @@ def tune(model, target, target_files, opt_level, trials, tuning_db, plugins, inp
     with tempfile.TemporaryDirectory(prefix=".graphopt-tune-") as tmp:
         library, staged_onnx = Path(tmp) / "model.so", Path(tmp) / "model.onnx"
         with feedback.phase("compiling with the database"):
-            tvm_backend.export(tvm_backend.compile_model(optimized, tgt, db), tgt, library)
-            tvm_backend.write_manifest(tvm_backend.manifest(optimized, tgt, db, library), tvm_backend.manifest_path(library))
+            tvm_backend.build(optimized, tgt, db, library)
         import onnx
 
         onnx.save(optimized, str(staged_onnx))

@@ -182,3 +182,9 @@ def test_resnet50_for_arm64_runs_correctly_under_emulation(cli, tmp_path, arm64_
     got = run_library(arm64_emulation, out, {"input": x})
     expected = _ort(models.load("resnet50"), {"input": x})[0]
     np.testing.assert_allclose(got[manifest["outputs"][0]["name"]], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_tune_refuses_a_target_this_machine_cannot_measure(cli, tmp_path):
+    proc = cli("tune", "zoo:digits_cnn", "--dim", "batch=1", "--target", "arm64", "--db", tmp_path / "db")
+    assert proc.returncode == EXIT_BAD_INPUT and "cannot run arm64:neoverse-n1 code" in proc.stderr
+    assert not (tmp_path / "db").exists()

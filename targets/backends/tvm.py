@@ -198,6 +198,14 @@ def export(executable, target, path: Path) -> None:
         executable.export_library(str(path))
 
 
+def build(proto: onnx.ModelProto, target, db: Path | None, library: Path) -> dict:
+    """Compiles the model, writes the library and its manifest beside it; the manifest."""
+    export(compile_model(proto, target, db), target, library)
+    data = manifest(proto, target, db, library)
+    write_manifest(data, manifest_path(library))
+    return data
+
+
 def manifest_path(library: Path) -> Path:
     return library.with_name(library.name + ".json")
 

@@ -37,6 +37,22 @@ def _build(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+# A task with under this share of the model's FLOPs (weighted by how often it runs) is small.
+SMALL_TASK_SHARE = 0.02
+SMALL_TASK_TRIALS = 8
+MAX_BATCH = 64
+
+
+def _split_by_work(tasks) -> tuple[list, list]:
+    """(small, large) tasks by their share of the FLOPs, each list in the given order."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    flops = [estimate_tir_flops(t.dispatched[0]) * t.weight for t in tasks]
+    total = sum(flops) or 1.0
+    small = [t for t, f in zip(tasks, flops) if f < SMALL_TASK_SHARE * total]
+    return small, [t for t, f in zip(tasks, flops) if f >= SMALL_TASK_SHARE * total]
+
+
 def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
     """Tunes the model's tasks missing from the database at `db` with up to `trials` measured
     candidates in all; {"tasks", "tuned_tasks", "reused_tasks", "trials"}."""
@@ -57,18 +73,27 @@ def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
         return record
     cores = os.cpu_count() or 1
     counter = _trial_counter(progress)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(missing, str(db), num_threads=cores, seed=0)
-    ms.tune.tune_tasks(
-        tasks=contexts,
-        task_weights=weights,
-        work_dir=str(db),
-        max_trials_global=trials,
-        num_trials_per_iter=min(64, max(8, trials // max(1, len(missing)))),
-        builder=ms.builder.LocalBuilder(f_build=_build, max_workers=cores),
-        runner=ms.runner.LocalRunner(initializer=_cpu_device_alias),
-        database=database,
-        measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
-    )
+    small, large = _split_by_work(missing)
+    # The small tasks (reshapes, pooling, the classifier) first, a few candidates each: every task
+    # needs a schedule, and a trial there buys next to nothing. The rest goes to the large ones,
+    # in batches of up to 64 (the evolutionary search costs about as much per batch as 64
+    # measurements here, so small batches spend the budget searching).
+    small_trials = min(trials, SMALL_TASK_TRIALS * len(small))
+    for group, budget in ((small, small_trials), (large, trials - small_trials)):
+        if not group or budget <= 0:
+            continue
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(group, str(db), num_threads=cores, seed=0)
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(db),
+            max_trials_global=budget,
+            num_trials_per_iter=min(MAX_BATCH, max(SMALL_TASK_TRIALS, budget // len(group))),
+            builder=ms.builder.LocalBuilder(f_build=_build, max_workers=cores),
+            runner=ms.runner.LocalRunner(initializer=_cpu_device_alias),
+            database=database,
+            measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
+        )
     record["trials"], record["failed_trials"] = counter.done, counter.failed
     if counter.done and counter.failed == counter.done:
         raise GraphoptError(f"every one of the {counter.done} tuning measurements failed; the database at {db} holds no tuned schedule")
