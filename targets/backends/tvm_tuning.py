@@ -54,8 +54,8 @@ def _split_by_work(tasks) -> tuple[list, list]:
 
 
 def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
-    """Tunes the model's tasks missing from the database at `db` with up to `trials` measured
-    candidates in all; {"tasks", "tuned_tasks", "reused_tasks", "trials"}."""
+    """Tunes the model's tasks missing from the database at `db` with about `trials` measured
+    candidates in all (at least 8 per task); {"tasks", "tuned_tasks", "reused_tasks", "trials"}."""
     from graphopt.targets.backends import tvm as tvm_backend
 
     tvm = tvm_backend.import_tvm()
@@ -78,9 +78,12 @@ def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
     # needs a schedule, and a trial there buys next to nothing. The rest goes to the large ones,
     # in batches of up to 64 (the evolutionary search costs about as much per batch as 64
     # measurements here, so small batches spend the budget searching).
-    small_trials = min(trials, SMALL_TASK_TRIALS * len(small))
-    for group, budget in ((small, small_trials), (large, trials - small_trials)):
-        if not group or budget <= 0:
+    # tune_tasks stops when its budget is spent, tasks not yet reached left unscheduled: each
+    # group gets at least one batch per task, so the total may exceed a very small --trials.
+    small_trials = SMALL_TASK_TRIALS * len(small)
+    large_trials = max(trials - small_trials, SMALL_TASK_TRIALS * len(large))
+    for group, budget in ((small, small_trials), (large, large_trials)):
+        if not group:
             continue
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(group, str(db), num_threads=cores, seed=0)
         ms.tune.tune_tasks(
