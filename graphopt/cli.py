@@ -186,6 +186,10 @@ def _load_target_files(paths) -> None:
 @click.option("--ray", "ray_address", metavar="ADDRESS", help="Run the accuracy search's evaluations on Ray: a cluster address, auto (a running cluster) or local (start one here).")
 @click.option("--smooth/--no-smooth", default=True, show_default=True,
               help="With --quantize int8|int8-dynamic and calibration data: move outlier activation channels into the weights (SmoothQuant-style) where that measures a smaller error.")
+@click.option("--prune", "prune_spec", metavar="flops=FRACTION",
+              help="Remove whole Conv/Gemm channels until the FLOPs fall by FRACTION (lossy): with --calibration, per-layer ratios from a measured sensitivity search and the next layers refit by least squares; before any --quantize.")
+@click.option("--lowrank", "lowrank_tolerance", type=float, metavar="TOLERANCE",
+              help="Split constant-weight MatMul/Gemm into two of low rank where the cost model says it pays, each within TOLERANCE relative output error (lossy; activation-weighted with --calibration).")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each changing pass into this folder.")
 @click.option("--fold-input-defaults", is_flag=True, help="Treat initializers that are also graph inputs as constants (they are overridable defaults).")
 @click.option("--fold-size-limit", type=int, default=None, help="Largest folded constant in bytes (default 1 MiB).")
@@ -193,8 +197,8 @@ def _load_target_files(paths) -> None:
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
 def run(model, target, target_files, opt_level, output, artifact_format, backend, tuning_db, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
-        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, smooth, dump_ir, fold_input_defaults, fold_size_limit,
-        input_shapes, dims, quiet, verbose, cleanup, plugins):
+        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, smooth, prune_spec, lowrank_tolerance, dump_ir,
+        fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
     from graphopt import verify as verify_mod
@@ -261,19 +265,26 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
     # computes the same on inputs of its shapes), else an in-memory copy.
     reference = path if path is not None else _copy(proto)
     calibration_data = budget = None
-    if quantize:
+    reduces = bool(prune_spec) or lowrank_tolerance is not None  # lossy, like --quantize: judged by the budget
+    if prune_spec:
+        from graphopt.passes.sparsity import parse_prune
+
+        parse_prune(prune_spec)
+    if lowrank_tolerance is not None and not 0 < lowrank_tolerance < 1:
+        raise GraphoptError(f"--lowrank takes a relative error between 0 and 1, not {lowrank_tolerance}")
+    if quantize or reduces:
         from graphopt.accuracy import Budget
 
         budget = Budget.parse(accuracy_budget)
         if quantize == "int8" or calibration_source:
             calibration_data = _calibration_data(calibration_source, proto, feedback)
     elif calibration_source:
-        raise GraphoptError("--calibration is for --quantize; add --quantize int8")
+        raise GraphoptError("--calibration is for --quantize, --prune or --lowrank; add one")
     elif ray_address:
         raise GraphoptError("--ray runs the accuracy search of --quantize; add --quantize")
     inputs = original_outputs = None
     input_record = None
-    if quantize and verify and not inputs_path and calibration_data is not None and calibration_data.representative:
+    if (quantize or reduces) and verify and not inputs_path and calibration_data is not None and calibration_data.representative:
         # A quantized model is judged on data like what it was calibrated on: generated inputs lie
         # outside every calibrated range and would measure clipping, not quantization.
         inputs = next(iter(calibration_data))
@@ -288,6 +299,10 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
         from graphopt.calibration import default_cache_dir
 
         options.update(calibration_method=calibration_method, calibration_cache=default_cache_dir(), quantize_gate=quantize_gate, smooth=smooth)
+    if prune_spec:
+        options["prune"] = prune_spec
+    if lowrank_tolerance is not None:
+        options["lowrank_tolerance"] = lowrank_tolerance
     from graphopt import executor as executors
 
     with executors.create(ray_address) as executor, feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):
@@ -543,16 +558,38 @@ def _print_report(report, verbose: bool = False) -> None:
     console.print(f"optimizer time: {report.seconds:.2f} s")
     for name, reason in report.rollbacks:
         err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)
+    _print_pruning(report.pruning)
     if report.fidelity is not None:
         _print_fidelity(report.fidelity, report.verification_inputs)
     _print_backend(report.backend)
+
+
+def _print_pruning(p: dict | None) -> None:
+    if not p:
+        return
+    pruned = [g for g in p.get("groups", []) if g["kept"] < g["channels"]]
+    if "flops_after" in p:
+        before, after = p["flops_before"], p["flops_after"]
+        console.print(f"pruned {sum(g['channels'] - g['kept'] for g in pruned)} channels in {len(pruned)} of {len(p['groups'])} channel groups: "
+                      f"weight FLOPs per sample {before:,} -> {after:,} ({after / before - 1:+.1%}); "
+                      f"{p['refitted']} readers refit on the calibration data" + (f", {p['evaluations']} sensitivity evaluations" if p.get("evaluations") else ""),
+                      highlight=False)
+    else:
+        console.print("pruning found no channel group it could remove channels from", highlight=False)
+    refused = p.get("refused", [])
+    if refused:
+        first = refused[0]
+        console.print(f"{len(refused)} channel groups left whole (e.g. {escape(first['producers'][0])}: {escape(first['reason'])} at {escape(first['node'])})",
+                      highlight=False)
 
 
 def _print_backend(b: dict | None) -> None:
     if b is None:
         return
     tuned = f"tuning database {b['tuning_database']}" if b["tuning_database"] else "untuned (graphopt tune MODEL --db DIR tunes it)"
-    console.print(f"TVM {b['tvm_version']}: compiled for {json.dumps(b['tvm_target'])} in {b['compile_seconds']:.1f} s, {tuned}", highlight=False)
+    integer = f"; {b['integer_layers']} conv/matmul layers in 8-bit integer arithmetic" if b.get("integer_layers") else ""
+    console.print(f"TVM {b['tvm_version']}: compiled for {json.dumps(b['tvm_target'])} in {b['compile_seconds']:.1f} s, {tuned}{integer}",
+                  highlight=False)
     m = b.get("measured")
     if m is not None:
         how = f"{m['ratio']:.2f}x onnxruntime's time ({'slower' if m['ratio'] > 1 else 'faster'})"

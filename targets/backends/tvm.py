@@ -139,18 +139,22 @@ def database_digest(db: Path | None) -> str | None:
 
 
 def relax_module(proto: onnx.ModelProto):
-    """The model imported by TVM's Relax ONNX frontend at its static input shapes."""
+    """The model imported by TVM's Relax ONNX frontend at its static input shapes, its QDQ
+    convolutions and matmuls computed in integers (tvm_int8)."""
     import_tvm()
     from tvm.relax.frontend.onnx import from_onnx
 
+    from graphopt.targets.backends.tvm_int8 import lower_qdq
+
     inputs, _ = static_signature(proto)
     try:
-        return from_onnx(proto, shape_dict={i["name"]: i["shape"] for i in inputs}, dtype_dict={i["name"]: i["dtype"] for i in inputs})
+        mod = from_onnx(proto, shape_dict={i["name"]: i["shape"] for i in inputs}, dtype_dict={i["name"]: i["dtype"] for i in inputs})
     except Exception as exc:  # noqa: BLE001 - the frontend raises many types; the user needs the op
         raise GraphoptError(f"TVM's ONNX frontend cannot import the model: {_one_line(exc)}") from None
+    return lower_qdq(mod)
 
 
-def tuning_module(proto: onnx.ModelProto, tvm_tgt):
+def tuning_module(proto: onnx.ModelProto, tvm_tgt, imported=None):
     """The model lowered to the TIR functions tuning measures and a database is applied to (the
     two must match structurally): decomposed for inference, fused, legalized, and with its constant
     weights marked layout-free so that tuned schedules may store them pre-packed."""
@@ -159,17 +163,18 @@ def tuning_module(proto: onnx.ModelProto, tvm_tgt):
 
     with tvm_tgt:
         return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
-                                         relax.get_pipeline("zero"), relax.transform.AttachAttrLayoutFreeBuffers()])(relax_module(proto))
+                                         relax.get_pipeline("zero"), relax.transform.AttachAttrLayoutFreeBuffers()])(imported if imported is not None else relax_module(proto))
 
 
-def compile_model(proto: onnx.ModelProto, target, db: Path | None = None):
-    """The model compiled by TVM for the target: a relax executable, ready to export."""
+def compile_model(proto: onnx.ModelProto, target, db: Path | None = None, imported=None):
+    """The model compiled by TVM for the target: a relax executable, ready to export.
+    `imported`: its `relax_module`, where the caller has it already."""
     tvm = import_tvm()
     from tvm import relax
 
     tvm_tgt = tvm.target.Target(tvm_target(target))
     if db is not None:
-        mod = tuning_module(proto, tvm_tgt)
+        mod = tuning_module(proto, tvm_tgt, imported)
         with tvm_tgt:
             # The tuned schedules read the weights in the blocked layouts they chose: the layout
             # transforms split off and folded into the constants at compile time (prepacked
@@ -177,7 +182,7 @@ def compile_model(proto: onnx.ModelProto, target, db: Path | None = None):
             mod = tvm.transform.Sequential([relax.transform.MetaScheduleApplyDatabase(str(db)), relax.transform.SplitLayoutRewritePreproc(),
                                             relax.transform.FoldConstant()])(mod)
     else:
-        mod = relax_module(proto)
+        mod = imported if imported is not None else relax_module(proto)
     if target.name == "cuda":
         with tvm_tgt:
             from tvm.s_tir import dlight
@@ -200,8 +205,12 @@ def export(executable, target, path: Path) -> None:
 
 def build(proto: onnx.ModelProto, target, db: Path | None, library: Path) -> dict:
     """Compiles the model, writes the library and its manifest beside it; the manifest."""
-    export(compile_model(proto, target, db), target, library)
+    from graphopt.targets.backends.tvm_int8 import integer_layers
+
+    imported = relax_module(proto)
+    export(compile_model(proto, target, db, imported), target, library)
     data = manifest(proto, target, db, library)
+    data["integer_layers"] = integer_layers(imported)
     write_manifest(data, manifest_path(library))
     return data
 

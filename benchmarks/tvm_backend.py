@@ -4,7 +4,12 @@ each budget of --budgets (each tuned from an empty database, its tuning time rec
 interleaved in a fresh shuffled order each round (bench.py's `_latency`), medians of per-round
 ratios to onnxruntime and the ratio of the minimums.
 
-    python benchmarks/tvm.py --models resnet18 --budgets 64,320 --rounds 30 --json tvm.json
+    python benchmarks/tvm_backend.py --models resnet18 --budgets 64,320 --rounds 30 --json tvm.json
+    python benchmarks/tvm_backend.py --models resnet18 --budgets 320 --int8     # and INT8: onnxruntime's, TVM's
+
+With --int8, graphopt's static INT8 of each model (random calibration: this times it) runs in
+onnxruntime and, lowered to integer conv2d/matmul (targets/backends/tvm_int8.py), in TVM, untuned
+and tuned at the same budgets.
 
 Models: resnet18, resnet50, mobilenetv2 (zoo, batch 1) and bert_tiny (the BERT-style encoder,
 [1, 16]); bert_base is also accepted. TVM's threads are all cores, as onnxruntime's here.
@@ -23,9 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
-from graphopt import export, models, runtime, targets, verify  # noqa: E402
+from graphopt import calibration, export, models, runtime, targets, verify  # noqa: E402
 from graphopt.optimize import optimize_model  # noqa: E402
 from graphopt.targets.backends import tvm as tvm_backend  # noqa: E402
 from graphopt.targets.backends import tvm_tuning  # noqa: E402
@@ -46,7 +52,24 @@ class _Library:
         return list(self.model(feeds).values())
 
 
-def bench_model(name: str, budgets: list[int], rounds: int, work: Path, target: str) -> dict:
+def _int8_graph(name: str, target: str, backend: str):
+    """graphopt's static INT8 of the model (random calibration: this benchmark times, the accuracy
+    of INT8 is benchmarks/quantize.py's), for `backend`."""
+    proto = models.load(name)
+    rng = np.random.default_rng(0)
+    inputs, _ = tvm_backend.static_signature(proto)
+    samples = {i["name"]: (rng.standard_normal([CALIBRATION_SAMPLES, *i["shape"][1:]]).astype(np.float32) if i["dtype"].startswith("float")
+                           else rng.integers(0, 100, [CALIBRATION_SAMPLES, *i["shape"][1:]]).astype(i["dtype"])) for i in inputs}
+    data = calibration.from_arrays(samples, proto)
+    graph, _ = optimize_model(proto, target=target, opt_level=2, backend=backend, quantize="int8", calibration_data=data,
+                              options={"quantize_gate": False, "calibration_method": "percentile"})
+    return graph
+
+
+CALIBRATION_SAMPLES = 4
+
+
+def bench_model(name: str, budgets: list[int], rounds: int, work: Path, target: str, int8: bool = False) -> dict:
     from benchmarks.bench import _latency
 
     tgt = tvm_backend.for_tvm(targets.get(target))
@@ -54,25 +77,31 @@ def bench_model(name: str, budgets: list[int], rounds: int, work: Path, target: 
     ort_path = work / f"{name}.ort.onnx"
     export.save(fp32_ort, ort_path)
     tvm_graph, _ = optimize_model(models.load(name), target=target, opt_level=2, backend="tvm")
-    proto = export.to_proto(tvm_graph)
+    graphs = {"tvm": export.to_proto(tvm_graph)}
     variants: dict = {"original": str(ort_path)}
+    if int8:
+        int8_ort = work / f"{name}.int8.onnx"
+        export.save(_int8_graph(name, target, "onnxruntime"), int8_ort)
+        variants["onnxruntime int8"] = str(int8_ort)
+        graphs["tvm int8"] = export.to_proto(_int8_graph(name, target, "tvm"))
     info: dict = {}
 
-    def build(label: str, db: Path | None) -> None:
-        library = work / f"{name}.{label}.so"
+    def build(label: str, proto, db: Path | None) -> None:
+        library = work / f"{name}.{label.replace(' ', '_')}.so"
         start = time.perf_counter()
         tvm_backend.build(proto, tgt, db, library)
         info.setdefault(label, {})["compile_s"] = round(time.perf_counter() - start, 1)
         variants[label] = _Library(library)
 
-    build("tvm untuned", None)
-    for budget in budgets:
-        db = work / f"{name}.db{budget}"
-        start = time.perf_counter()
-        tuned = tvm_tuning.tune(proto, tgt, db, budget)
-        label = f"tvm tuned {budget}"
-        info[label] = {"tuning_s": round(time.perf_counter() - start, 1), **tuned}
-        build(label, db)
+    for kind, proto in graphs.items():
+        build(f"{kind} untuned", proto, None)
+        for budget in budgets:
+            db = work / f"{name}.{kind.replace(' ', '_')}.db{budget}"
+            start = time.perf_counter()
+            tuned = tvm_tuning.tune(proto, tgt, db, budget)
+            label = f"{kind} tuned {budget}"
+            info[label] = {"tuning_s": round(time.perf_counter() - start, 1), **tuned}
+            build(label, proto, db)
     feeds = verify.make_inputs(onnx.load(str(ort_path), load_external_data=False))
     settings = argparse.Namespace(threads=os.cpu_count() or 1, warmup=2, runs=rounds, max_runs=rounds, min_time_s=0.0)
     lat, _ = _latency(variants, feeds, settings, shuffle=random.Random(0))
@@ -94,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", default="64,320", help="tuning trials per tuned variant, comma-separated")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--target", default="x86_64")
+    parser.add_argument("--int8", action="store_true", help="also graphopt's static INT8 of each model: onnxruntime's and TVM's (integer conv2d/matmul)")
+    parser.add_argument("--work", help="keep the libraries and tuning databases in this folder (default: a temporary one)")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args(argv)
     import logging
@@ -101,8 +132,11 @@ def main(argv=None) -> int:
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     results = []
     with tempfile.TemporaryDirectory(prefix="graphopt-tvm-bench-") as tmp:
+        if args.work:
+            tmp = args.work
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         for name in args.models.split(","):
-            result = bench_model(name.strip(), [int(b) for b in args.budgets.split(",") if b], args.rounds, Path(tmp), args.target)
+            result = bench_model(name.strip(), [int(b) for b in args.budgets.split(",") if b], args.rounds, Path(tmp), args.target, args.int8)
             results.append(result)
             print(f"\n{name} ({args.rounds} rounds, TVM target {json.dumps(result['target'])})")
             print(f"{'variant':22s} {'median ms':>10s} {'vs ORT':>8s} {'min ratio':>9s} {'tuning s':>9s} {'trials':>7s}")
