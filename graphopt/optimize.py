@@ -46,6 +46,7 @@ class Report:
     # The accuracy search of a quantized run (graphopt.accuracy.SearchResult.to_dict()): the
     # budget, per-layer sensitivity and SQNR, the layers kept float and why.
     quantization: dict | None = None
+    pruning: dict | None = None  # what prune-channels did: groups, kept channels, refused groups, FLOPs
     # What a code-generating backend built (targets/backends/tvm.py): its manifest, the build's
     # seconds and the library's measured time against onnxruntime's where it was measured.
     backend: dict | None = None
@@ -84,6 +85,7 @@ class Report:
             "predicted": self.predicted,
             "notes": self.notes,
             "quantization": self.quantization,
+            "pruning": self.pruning,
         }
 
 
@@ -242,6 +244,10 @@ def optimize_model(
             raise GraphoptError(f"cannot create the IR dump folder {dump_ir}: {exc.strerror or exc}") from None
     start = time.perf_counter()
     records = PassManager(pipeline).run(ctx)
+    reductions = _reductions(ctx.options, set(_pipeline_names(pipeline)))
+    if reductions is not None:
+        # Lossy work removal before quantization: INT8 then calibrates on the smaller graph.
+        records += PassManager(reductions).run(ctx)
     searched = None
     if quantization is not None and quantize in SMOOTHED and calibration_data is not None and ctx.options.get("smooth", True):
         # Exact, so before the search: every candidate it measures starts from the smoothed model.
@@ -271,6 +277,7 @@ def optimize_model(
     )
     report.notes = notes
     report.quantization = searched.to_dict() if searched is not None else None
+    report.pruning = ctx.options.get("_pruning")
     if predicted_before is not None and predicted_after is not None:
         cost = ctx.cost
         report.predicted = {
@@ -283,6 +290,21 @@ def optimize_model(
             "exact": predicted_before.known and predicted_after.known,
         }
     return model, report
+
+
+def _reductions(options: dict, ran: set[str]) -> Sequential | None:
+    """The lossy passes that remove work, as the options ask for them: channel pruning
+    (options["prune"]), then low-rank splits (options["lowrank_tolerance"]), then dce; none that
+    the pipeline (a --passes list) ran already."""
+    names = (["prune-channels"] if options.get("prune") else []) + (["lowrank-split"] if options.get("lowrank_tolerance") is not None else [])
+    names = [n for n in names if n not in ran]
+    if not names:
+        return None
+    return Sequential([create_pass(n) for n in [*names, "dce"]], name="reduce")
+
+
+def _pipeline_names(item) -> list[str]:
+    return item.pass_names() if hasattr(item, "pass_names") else [item.name]
 
 
 # Per-channel QuantizeLinear/DequantizeLinear (the axis attribute) exist from this opset on.

@@ -1,0 +1,236 @@
+"""Low-rank splits: a MatMul or Gemm by a constant weight W (K x N) becomes two products of rank r,
+x @ A (K x r) @ B (r x N), where that removes work.
+
+    MatMul(x, W)                  -> MatMul(MatMul(x, A), B)
+    Gemm(x, W, C, alpha, beta, transB)  -> Gemm(MatMul(x, A), B, C, alpha=1, beta, transB=0)
+
+Both variants keep the same form, A = W V_r and B = V_r^T with V_r orthonormal (r x N rows of
+B), so that A B = W V_r V_r^T is W projected onto r directions of its output space:
+
+- plain (no calibration data): V_r are W's top right singular vectors, the truncated SVD, which
+  minimises ||W - A B||_F;
+- data-aware (`ctx.calibration_data`): V_r are those of L^T W, where S = X^T X / n = L L^T is
+  the second moment of the layer's input over the calibration data (leading axes flattened to
+  rows). That minimises ||X W - X A B||_F over rank-r products: with L invertible, L^T A B is any
+  rank-r matrix, the best is [L^T W]_r = L^T W V_r V_r^T. Writing A as W V_r instead of
+  L^{-T} U_r Σ_r is the same matrix without inverting L, whose small eigenvalues (directions the
+  data never visits) would amplify rounding.
+
+Rank: the smallest r whose relative error, sqrt(discarded σ² / all σ²) of the matrix above (of W,
+or of L^T W, which is exactly ||X W - X A B|| / ||X W|| on the calibration activations), is at
+most `options["lowrank_tolerance"]` (0.05); rounded up to a multiple of `LOWRANK_ALIGNMENT` where
+that still fits the size limit (GEMM kernels block by it). `options["lowrank_rank"]` forces r.
+
+Kept only where it pays: r (K + N) <= `options["lowrank_max_ratio"]` (0.6) x K N, and the
+target's cost model (ctx.cost) predicts the two products faster than the one (every consultation
+is a CostDecision in the result; a layer that does not pay even at rank 1, two tiny kernels
+instead of one, is declined before any SVD or calibration run). A weight that is not a constant
+2-D float32 tensor, or that another node also reads, a Gemm with transA or a constant A, and
+subgraphs (calibration observes the main graph) are left alone.
+
+Stats: `split` layers, and the weight parameters of those layers `parameters_before` and
+`parameters_after`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import ir
+from graphopt.pass_manager import CostDecision, Pass, PassContext, PassResult, register_pass
+
+DEFAULT_TOLERANCE = 0.05
+DEFAULT_MAX_RATIO = 0.6
+LOWRANK_ALIGNMENT = 8
+# Added to S's diagonal, relative to its mean eigenvalue: makes S positive definite where the
+# data spans fewer than K directions, without moving the directions it does span.
+RIDGE = 1e-6
+
+
+class _Candidate(NamedTuple):
+    node: gs.Node
+    activation: gs.Variable
+    weight: np.ndarray  # K x N, as the product reads it: alpha and transB applied
+
+
+def _candidate(node: gs.Node) -> _Candidate | None:
+    if node.domain not in ir.DEFAULT_DOMAINS or node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    x, w_tensor = node.inputs[0], node.inputs[1]
+    if not isinstance(x, gs.Variable) or ir.constant_value(x) is not None:
+        return None
+    if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+        return None
+    w = ir.constant_value(w_tensor)
+    if w is None or w.dtype != np.float32 or w.ndim != 2 or min(w.shape) < 2:
+        return None
+    if len(w_tensor.outputs) != 1:
+        return None  # splitting it for one reader would leave the others the full copy
+    if node.op == "Gemm":
+        w = w.T if int(node.attrs.get("transB", 0)) else w
+        w = w * np.float32(node.attrs.get("alpha", 1.0))
+    return _Candidate(node, x, w)
+
+
+def _probe(node: gs.Node, x: gs.Variable, k: int, n: int, rank: int) -> list[gs.Node]:
+    """Detached copies of what the split would put in the graph, for the cost model only."""
+    x_probe = gs.Variable(x.name, dtype=x.dtype, shape=x.shape)
+    hidden = gs.Variable("hidden", dtype=x.dtype, shape=None if x.shape is None else [*x.shape[:-1], rank])
+    out = node.outputs[0]
+    out_probe = gs.Variable(out.name, dtype=out.dtype, shape=out.shape)
+    first = gs.Node("MatMul", inputs=[x_probe, gs.Constant("a", np.zeros((k, rank), np.float32))], outputs=[hidden])
+    second_inputs = [hidden, gs.Constant("b", np.zeros((rank, n), np.float32))]
+    if node.op == "Gemm" and len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        c = node.inputs[2]
+        second_inputs.append(gs.Variable(c.name, dtype=c.dtype, shape=c.shape))
+    second = gs.Node(node.op, attrs={"beta": node.attrs.get("beta", 1.0)} if node.op == "Gemm" else {},
+                     inputs=second_inputs, outputs=[out_probe])
+    return [first, second]
+
+
+def _second_moments(ctx: PassContext, activations: list[gs.Variable]) -> dict[str, np.ndarray]:
+    """S = X^T X / rows for each activation over the calibration data, in one onnxruntime run."""
+    import onnxruntime as ort
+
+    from graphopt import calibration, export, verify
+
+    data = ctx.calibration_data
+    names = list(dict.fromkeys(t.name for t in activations))
+    fed = set(data.inputs)
+    fetched = [n for n in names if n not in fed]
+    session = None
+    if fetched:
+        proto = calibration.with_outputs(export.to_proto(ctx.model), fetched)
+        session = verify._session(proto, ctx.options.get("threads") or 2, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for feeds in data:
+        values = dict(zip(fetched, session.run(fetched, feeds))) if session is not None else {}
+        values.update({n: feeds[n] for n in names if n in fed})
+        for name, value in values.items():
+            value = np.asarray(value)
+            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            # Masks and sentinels are not activations (calibration's module docstring).
+            flat = np.where(np.isfinite(flat) & (np.abs(flat) < calibration.SENTINEL_MAGNITUDE), flat, 0.0)
+            sums[name] = sums.get(name, 0.0) + flat.T @ flat
+            rows[name] = rows.get(name, 0) + flat.shape[0]
+    return {name: sums[name] / max(rows[name], 1) for name in sums}
+
+
+def _directions(w: np.ndarray, second_moment: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(σ, V^T): the singular values and right singular vectors of W, or of L^T W with S = L L^T."""
+    w = w.astype(np.float64)
+    if second_moment is not None:
+        ridge = RIDGE * float(np.trace(second_moment)) / len(second_moment)
+        eigenvalues, q = np.linalg.eigh(second_moment + ridge * np.eye(len(second_moment)))
+        w = np.sqrt(np.maximum(eigenvalues, ridge))[:, None] * (q.T @ w)
+    _, sigma, vt = np.linalg.svd(w, full_matrices=False)
+    return sigma, vt
+
+
+def _relative_errors(sigma: np.ndarray) -> np.ndarray:
+    """errors[r]: the relative Frobenius error keeping the first r singular values."""
+    energy = np.square(sigma)
+    total = float(energy.sum())
+    if total == 0.0:
+        return np.zeros(len(sigma) + 1)
+    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
+    return np.sqrt(np.maximum(tail, 0.0) / total)
+
+
+def _rank(errors: np.ndarray, tolerance: float, largest: int, forced) -> int | None:
+    if forced is not None:
+        rank = min(int(forced), len(errors) - 1)
+        return rank if 1 <= rank <= largest else None
+    rank = max(int(np.argmax(errors <= tolerance)), 1)
+    if rank > largest:
+        return None
+    aligned = -(-rank // LOWRANK_ALIGNMENT) * LOWRANK_ALIGNMENT
+    return aligned if aligned <= min(largest, len(errors) - 1) else rank
+
+
+@register_pass
+class LowRankSplit(Pass):
+    name = "lowrank-split"
+    description = "MatMul/Gemm by a constant weight -> two products of rank r (truncated or activation-weighted SVD), where the cost model says it pays"
+    # Calibration observes the main graph only; a body's layers would get a different variant.
+    subgraphs = False
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        ctx.analysis("shapes")
+        tolerance = float(ctx.options.get("lowrank_tolerance", DEFAULT_TOLERANCE))
+        max_ratio = float(ctx.options.get("lowrank_max_ratio", DEFAULT_MAX_RATIO))
+        forced = ctx.options.get("lowrank_rank")
+        symbolic_dims = ctx.options.get("symbolic_dims")
+        cost = ctx.cost
+        decisions: list[CostDecision] = []
+        candidates = []
+        for node in graph.nodes:
+            found = _candidate(node)
+            if found is None:
+                continue
+            k, n = found.weight.shape
+            if cost is not None:
+                verdict = cost.compare([node], _probe(node, found.activation, k, n, 1), symbolic_dims)
+                if not verdict.pays:
+                    decisions.append(CostDecision(self.name, node.name, False, verdict.before_s, verdict.after_s,
+                                                  f"no faster even at rank 1: {verdict.reason}"))
+                    continue
+            candidates.append(found)
+        if not candidates:
+            return PassResult(False, {}, decisions)
+        moments = {}
+        if ctx.calibration_data is not None:
+            for c in candidates:
+                c.activation.dtype = np.float32  # a MatMul's inputs share its weight's type; calibration fetches typed tensors
+            moments = _second_moments(ctx, [c.activation for c in candidates])
+        split = parameters_before = parameters_after = 0
+        for node, x, w in candidates:
+            k, n = w.shape
+            largest = int(max_ratio * k * n // (k + n))
+            if largest < 1:
+                continue
+            second_moment = moments.get(x.name)
+            if second_moment is not None and not np.trace(second_moment) > 0:
+                second_moment = None  # activations all zero: every rank fits them, the weight alone decides
+            sigma, vt = _directions(w, second_moment)
+            errors = _relative_errors(sigma)
+            rank = _rank(errors, tolerance, largest, forced)
+            if rank is None:
+                continue
+            measured = "on the calibration activations" if second_moment is not None else "of the weight"
+            summary = f"rank {rank} of {min(k, n)}, relative error {errors[rank]:.2%} {measured}"
+            if cost is not None:
+                verdict = cost.compare([node], _probe(node, x, k, n, rank), symbolic_dims)
+                decisions.append(CostDecision(self.name, node.name, verdict.pays, verdict.before_s, verdict.after_s,
+                                              f"{summary}; {verdict.reason}"))
+                if not verdict.pays:
+                    continue
+            basis = vt[:rank]
+            _split(graph, ctx, node, x, (w.astype(np.float64) @ basis.T).astype(np.float32), basis.astype(np.float32))
+            split += 1
+            parameters_before += k * n
+            parameters_after += rank * (k + n)
+        if split:
+            ir.toposort(graph)
+        return PassResult(bool(split), {"split": split, "parameters_before": parameters_before, "parameters_after": parameters_after}
+                          if split else {}, decisions)
+
+
+def _split(graph: gs.Graph, ctx: PassContext, node: gs.Node, x: gs.Variable, a: np.ndarray, b: np.ndarray) -> None:
+    """x @ a into a new MatMul; the node itself becomes the product by b, keeping its output, name and bias."""
+    base = node.name or node.op
+    hidden = gs.Variable(ctx.fresh_name(f"{base}_lowrank"), dtype=x.dtype,
+                         shape=None if x.shape is None else [*x.shape[:-1], a.shape[1]])
+    weight_name = node.inputs[1].name
+    graph.nodes.append(gs.Node("MatMul", name=ctx.fresh_name(f"{base}_lowrank_in"),
+                               inputs=[x, ir.make_constant(ctx.fresh_name(f"{weight_name}_lowrank_a"), a)], outputs=[hidden]))
+    ir.set_input(node, 0, hidden)
+    ir.set_input(node, 1, ir.make_constant(ctx.fresh_name(f"{weight_name}_lowrank_b"), b))
+    if node.op == "Gemm":
+        # alpha and transB are in a and b now.
+        node.attrs["alpha"] = 1.0
+        node.attrs["transB"] = 0

@@ -1,0 +1,452 @@
+"""Structured pruning: remove whole channels, so the model is really smaller (not a mask).
+
+`prune-channels` takes the channel groups of graphopt.analysis.channels (a Conv's or Gemm's output
+channels with everything that must lose the same channels: BatchNormalization, biases, depthwise
+Convs, residual partners, the input channels of every reader), ranks each group's channels, and
+removes the least important ones across the whole graph until `options["prune"]` is met:
+
+    {"flops": 0.3}    30% fewer FLOPs (multiply-adds of Conv/Gemm/MatMul, counted by the cost analysis)
+
+Ranking (`options["prune_importance"]`):
+* "activation" (the default with calibration data): channel c's contribution to what its readers
+  compute, E[a_c^2] * ||W_reader[:, c]||^2 summed over the readers (a channel that is always near
+  zero, or read by tiny weights, costs nothing to remove);
+* "weight" (the default without data): ||W_producer[c]|| * ||W_reader[:, c]|| (the producer's row
+  norm already carries a folded BatchNormalization's scale).
+Each group's scores are normalized to its total, and channels go in the order of (normalized score)
+/ (FLOPs the channel costs), so that cheap-to-lose, expensive-to-compute channels go first; no group
+keeps fewer than `prune_min_keep` (default 0.25) of its channels.
+
+Reconstruction (with calibration data): each reader whose input channels were removed gets new
+weights and bias by least squares, min ||A_pruned [W'; b'] - Y_original|| on calibration
+activations (A: the reader's pruned input as im2col rows, Y: its original output), so the next
+layer absorbs what the removed channels contributed (their mean, and what the kept channels can
+express of the rest) without retraining (He et al. 2017, "Channel pruning"; ThiNet).
+
+Lossy: it joins `-O3` only when a budget asks for it (options["prune"]); the accuracy budget is
+checked by the caller's verification like every lossy pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import ir
+from graphopt.analysis.channels import ChannelGroup, channel_groups
+from graphopt.errors import GraphoptError
+from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
+
+DEFAULT_MIN_KEEP = 0.25
+# Rows of im2col per reader for the least-squares fit: enough for a well-posed fit of a
+# 512*9-input conv (4608 unknowns) with some margin, bounded in memory.
+MAX_ROWS = 20000
+RIDGE = 1e-4  # relative to the mean diagonal of A^T A: keeps the fit stable where channels correlate
+
+
+def parse_prune(spec) -> dict[str, float]:
+    """"flops=0.3" (or a dict) -> {"flops": 0.3}; a one-line error otherwise."""
+    if isinstance(spec, dict):
+        items = spec
+    else:
+        items = {}
+        for part in str(spec).split(","):
+            key, _, value = part.partition("=")
+            try:
+                items[key.strip()] = float(value)
+            except ValueError:
+                raise GraphoptError(f"--prune takes flops=FRACTION (0 < FRACTION < 1), not '{spec}'") from None
+    if set(items) != {"flops"} or not 0 < items["flops"] < 1:
+        raise GraphoptError(f"--prune takes flops=FRACTION (0 < FRACTION < 1), not '{spec}'")
+    return dict(items)
+
+
+def _flops(node: gs.Node) -> int:
+    """Multiply-add FLOPs per sample of a Conv/Gemm/MatMul with a constant weight (0 for other
+    nodes): 2 |W| per output position. Per sample, so a symbolic batch does not hide them; the
+    pruning goal is a share, which the batch does not change."""
+    if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return 0
+    out = node.outputs[0].shape
+    positions = 1
+    if out is not None:
+        inner = out[2:] if node.op == "Conv" else out[1:-1]
+        positions = int(np.prod([d for d in inner if isinstance(d, int)], dtype=np.int64))
+    return 2 * int(node.inputs[1].values.size) * positions
+
+
+def _channel_flops(group: ChannelGroup) -> float:
+    """FLOPs one channel of the group costs: its share of every producer, depthwise Conv and reader."""
+    # (A producer's bias, BatchNormalization and activations are O(channels), left out like in `_flops`.)
+    total = 0.0
+    for node in group.producers + group.depthwise:
+        total += _flops(node) / group.channels
+    for s in group.slices:
+        if s.role == "consumer":
+            total += _flops(s.node) * s.block / s.constant.values.shape[s.axis]
+    return total
+
+
+def _rows(values: np.ndarray, axis: int, channels: int, offset: int, block: int) -> np.ndarray:
+    """The constant's entries for each channel: [channels, everything else]."""
+    moved = np.moveaxis(values, axis, 0)[offset : offset + channels * block]
+    return moved.reshape(channels, -1).astype(np.float64)
+
+
+def _weight_scores(group: ChannelGroup) -> np.ndarray:
+    produce = np.ones(group.channels)
+    for s in group.slices:
+        if s.role == "producer" and s.constant.values.ndim >= 2:
+            produce *= np.linalg.norm(_rows(s.constant.values, s.axis, group.channels, s.offset, s.block), axis=1)
+    read = np.zeros(group.channels)
+    for s in group.slices:
+        if s.role == "consumer":
+            read += np.linalg.norm(_rows(s.constant.values, s.axis, group.channels, s.offset, s.block), axis=1)
+    return produce * read
+
+
+def _activation_scores(group: ChannelGroup, energy: dict[str, np.ndarray]) -> np.ndarray:
+    scores = np.zeros(group.channels)
+    for s in group.slices:
+        if s.role != "consumer":
+            continue
+        mean_square = energy[s.node.inputs[0].name]  # per input feature of the reader
+        segment = mean_square[s.offset : s.offset + group.channels * s.block].reshape(group.channels, -1)
+        weights = _rows(s.constant.values, s.axis, group.channels, s.offset, s.block)
+        if s.block > 1:  # Flatten: each channel is `block` features, each with its own weight rows
+            per_feature = (weights.reshape(group.channels, s.block, -1) ** 2).sum(axis=2)
+            scores += (segment * per_feature).sum(axis=1)
+        else:
+            scores += segment[:, 0] * (weights**2).sum(axis=1)
+    return scores
+
+
+def _choose(groups: list[ChannelGroup], scores: list[np.ndarray], target_flops: float, min_keep: float) -> list[np.ndarray]:
+    """Per group, the channel indices kept: the global order of normalized score per FLOP."""
+    candidates = []
+    for g, (group, score) in enumerate(zip(groups, scores)):
+        per_channel = _channel_flops(group)
+        if per_channel <= 0:
+            continue
+        normalized = score / max(score.sum(), 1e-30)
+        candidates += [(normalized[c] / per_channel, g, c, per_channel) for c in range(group.channels)]
+    candidates.sort()
+    removed = [set() for _ in groups]
+    floor = [max(1, math.ceil(min_keep * g.channels)) for g in groups]
+    saved = 0.0
+    for _, g, c, per_channel in candidates:
+        if saved >= target_flops:
+            break
+        if groups[g].channels - len(removed[g]) <= floor[g]:
+            continue
+        removed[g].add(c)
+        saved += per_channel
+    return [np.array(sorted(set(range(group.channels)) - gone), dtype=np.int64) for group, gone in zip(groups, removed)]
+
+
+def _apply(groups: list[ChannelGroup], kept: list[np.ndarray]) -> None:
+    """Slice every constant along the axes the groups index, once per constant and axis."""
+    masks: dict[tuple[int, int], tuple[gs.Constant, np.ndarray]] = {}
+    shrink: dict[int, tuple[gs.Variable, int]] = {}
+    for group, keep in zip(groups, kept):
+        if len(keep) == group.channels:
+            continue
+        dropped = np.setdiff1d(np.arange(group.channels), keep)
+        for s in group.slices:
+            key = (id(s.constant), s.axis)
+            if key not in masks:
+                masks[key] = (s.constant, np.ones(s.constant.values.shape[s.axis], bool))
+            positions = (s.offset + dropped[:, None] * s.block + np.arange(s.block)[None, :]).reshape(-1)
+            masks[key][1][positions] = False
+        for node in group.depthwise:
+            node.attrs["group"] = len(keep)
+        for t, _offset, block in group.tensors:
+            previous = shrink.get(id(t), (t, 0))[1]
+            shrink[id(t)] = (t, previous + len(dropped) * block)
+    by_constant: dict[int, list[tuple[int, np.ndarray]]] = {}
+    constants = {}
+    for (cid, axis), (constant, mask) in masks.items():
+        by_constant.setdefault(cid, []).append((axis, mask))
+        constants[cid] = constant
+    for cid, cuts in by_constant.items():
+        values = ir.constant_value(constants[cid])
+        for axis, mask in cuts:
+            values = np.compress(mask, values, axis=axis)
+        constants[cid].values = np.ascontiguousarray(values)
+    for t, removed in shrink.values():
+        if t.shape is not None and len(t.shape) > 1 and isinstance(t.shape[1], int):
+            shape = list(t.shape)
+            shape[1] -= removed
+            t.shape = shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration activations
+
+
+def _run(proto, data, names: list[str], batches: int) -> dict[str, np.ndarray]:
+    """The named tensors on the first `batches` calibration batches, concatenated along axis 0."""
+    import onnxruntime as ort
+
+    from graphopt import calibration
+
+    session = ort.InferenceSession(calibration.with_outputs(proto, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = list(dict.fromkeys(names))
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+    inputs = {i.name for i in session.get_inputs()}
+    for i, feeds in enumerate(data):
+        if i >= batches:
+            break
+        outs = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
+        for name, value in zip(wanted, outs):
+            collected[name].append(value)
+    return {n: np.concatenate(v, axis=0) for n, v in collected.items()}
+
+
+def _feature_energy(x: np.ndarray) -> np.ndarray:
+    """E[x^2] per feature of a reader's input: axis 1, averaged over everything else."""
+    return (x.astype(np.float64) ** 2).mean(axis=tuple(i for i in range(x.ndim) if i != 1)).reshape(-1)
+
+
+def _im2col(x: np.ndarray, node: gs.Node, rng: np.random.Generator) -> np.ndarray:
+    """A Conv's input as rows of its receptive fields ([rows, C*kh*kw], the weight's layout),
+    at most MAX_ROWS of them, sampled."""
+    n, c, h, w = x.shape
+    weight = node.inputs[1].values
+    kh, kw = weight.shape[2:]
+    top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
+    sh, sw = node.attrs.get("strides", [1, 1])
+    dh, dw = node.attrs.get("dilations", [1, 1])
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    picks = rng.choice(n * out_h * out_w, size=min(MAX_ROWS, n * out_h * out_w), replace=False)
+    b, rest = np.divmod(picks, out_h * out_w)
+    oy, ox = np.divmod(rest, out_w)
+    ys = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [rows, kh]
+    xs = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [rows, kw]
+    patches = padded[b[:, None, None, None], np.arange(c)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+    return patches.reshape(len(picks), -1), picks
+
+
+def _output_rows(y: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    n, k = y.shape[0], y.shape[1]
+    return y.transpose(0, 2, 3, 1).reshape(-1, k)[picks] if y.ndim == 4 else y.reshape(n, k)
+
+
+def _reconstruct(reader: gs.Node, x_pruned: np.ndarray, y_original: np.ndarray, graph: gs.Graph, ctx: PassContext, rng) -> bool:
+    """Least-squares weights and bias for a reader from its pruned input to its original output."""
+    weight = reader.inputs[1]
+    if reader.op == "Conv":
+        if int(reader.attrs.get("group", 1)) != 1 or x_pruned.ndim != 4:
+            return False
+        rows, picks = _im2col(x_pruned, reader, rng)
+        target = _output_rows(y_original, picks)
+    else:
+        rows = x_pruned.reshape(-1, x_pruned.shape[-1])
+        target = y_original.reshape(-1, y_original.shape[-1])
+        if len(rows) > MAX_ROWS:
+            picks = rng.choice(len(rows), MAX_ROWS, replace=False)
+            rows, target = rows[picks], target[picks]
+    a = np.concatenate([rows.astype(np.float64), np.ones((len(rows), 1))], axis=1)
+    gram = a.T @ a
+    gram[np.diag_indices_from(gram)] += RIDGE * np.trace(gram) / len(gram)
+    solution = np.linalg.solve(gram, a.T @ target.astype(np.float64))  # [features + 1, outputs]
+    fitted, bias = solution[:-1], solution[-1]
+    values = weight.values
+    if reader.op == "Conv":
+        new_weight = fitted.T.reshape(values.shape)
+    elif reader.op == "Gemm" and reader.attrs.get("transB", 0):
+        new_weight = fitted.T
+    else:
+        new_weight = fitted
+    weight.values = new_weight.astype(values.dtype)
+    _set_bias(reader, bias.astype(values.dtype), graph, ctx)
+    return True
+
+
+def _set_bias(reader: gs.Node, bias: np.ndarray, graph: gs.Graph, ctx: PassContext) -> None:
+    """The fitted bias replaces the reader's (a MatMul gets an Add after it)."""
+    if reader.op in ("Conv", "Gemm"):
+        name = ctx.fresh_name(f"{reader.name}_bias_refit")
+        constant = ir.make_constant(name, bias)
+        if len(reader.inputs) > 2:
+            reader.inputs[2] = constant
+        else:
+            reader.inputs.append(constant)
+        if reader.op == "Gemm":
+            reader.attrs["beta"] = 1.0
+        return
+    out = reader.outputs[0]
+    product = gs.Variable(ctx.fresh_name(f"{reader.name}_product"), dtype=out.dtype, shape=out.shape)
+    reader.outputs[0] = product
+    graph.nodes.append(gs.Node("Add", ctx.fresh_name(f"{reader.name}_bias_refit"),
+                                   inputs=[product, ir.make_constant(ctx.fresh_name(f"{reader.name}_bias"), bias)], outputs=[out]))
+
+
+def _distinct(nodes) -> list[gs.Node]:
+    return list({id(n): n for n in nodes}.values())
+
+
+def _prune(graph: gs.Graph, ctx: PassContext, groups: list[ChannelGroup], kept: list[np.ndarray], original: dict | None, model) -> int:
+    """Removes the channels not in `kept`, then (with `original`: the readers' inputs and outputs on
+    calibration data before pruning) refits every reader that lost input channels; readers refitted."""
+    from graphopt import export
+
+    changed = [(g, k) for g, k in zip(groups, kept) if len(k) < g.channels]
+    _apply(groups, kept)
+    if original is None or not ctx.options.get("prune_reconstruct", True):
+        return 0
+    before = len(graph.nodes)
+    touched = _distinct(n for g, _ in changed for n in g.consumers)
+    pruned = _run(export.to_proto(model), ctx.calibration_data, [n.inputs[0].name for n in touched], _batches(ctx))
+    rng = np.random.default_rng(0)
+    # A reader that also produces a pruned group keeps only its kept output channels.
+    kept_outputs = {id(p): k for g, k in changed for p in g.producers}
+    refitted = 0
+    for reader in touched:
+        target = original[reader.outputs[0].name]
+        if id(reader) in kept_outputs:
+            target = np.take(target, kept_outputs[id(reader)], axis=1 if reader.op == "Conv" else -1)
+        refitted += _reconstruct(reader, pruned[reader.inputs[0].name], target, graph, ctx, rng)
+    if len(graph.nodes) != before:
+        ir.toposort(graph)  # the refit bias Adds went to the end
+    return refitted
+
+
+def _batches(ctx: PassContext) -> int:
+    return int(ctx.options.get("prune_batches", 16))
+
+
+def _ranked(score: np.ndarray) -> np.ndarray:
+    """Channel indices, least important first."""
+    return np.argsort(score, kind="stable")
+
+
+# Removal steps tried per group in the sensitivity search: eighths of its channels.
+SEARCH_STEPS = 8
+
+
+class _Sensitivity:
+    """Each group pruned alone at each step, on a copy of the model, refit, and the outputs' error
+    measured on the calibration data: which groups can lose how much."""
+
+    def __init__(self, ctx: PassContext, proto, original: dict):
+        from graphopt import loading
+
+        self.ctx, self.proto, self.original = ctx, proto, original
+        self.loading = loading
+        outputs = [o.name for o in proto.graph.output]
+        self.outputs = outputs
+        self.reference = _run(proto, ctx.calibration_data, outputs, _batches(ctx))
+        self.evaluations = 0
+
+    def error(self, removals: dict[str, np.ndarray]) -> float:
+        """Relative squared error of the outputs with these channels (per group name) removed."""
+        from graphopt import export
+        from graphopt.analysis import shapes
+
+        model = self.loading.from_proto(self.proto)
+        shapes.infer_shapes(model)
+        groups, _ = channel_groups(model.graph)
+        chosen = [g for g in groups if g.name in removals]
+        kept = [np.setdiff1d(np.arange(g.channels), removals[g.name]) for g in chosen]
+        _prune(model.graph, self.ctx, chosen, kept, self.original, model)
+        got = _run(export.to_proto(model), self.ctx.calibration_data, self.outputs, _batches(self.ctx))
+        self.evaluations += 1
+        num = sum(float(((got[o].astype(np.float64) - self.reference[o]) ** 2).sum()) for o in self.outputs)
+        den = sum(float((self.reference[o].astype(np.float64) ** 2).sum()) for o in self.outputs)
+        return num / max(den, 1e-30)
+
+
+def _search(groups: list[ChannelGroup], orders: list[np.ndarray], sensitivity: _Sensitivity, target_flops: float,
+            min_keep: float) -> list[np.ndarray]:
+    """Per-group removal counts from the measured error of each group at each step: greedily the
+    step with the least error added per FLOP saved, until the FLOPs goal is met."""
+    steps: list[list[tuple[int, float]]] = []  # per group: (channels removed, error) for each step
+    for group, order in zip(groups, orders):
+        limit = group.channels - max(1, math.ceil(min_keep * group.channels))
+        counts = sorted({min(limit, max(1, round(group.channels * k / SEARCH_STEPS))) for k in range(1, SEARCH_STEPS)} - {0})
+        counts = [c for c in counts if 0 < c <= limit]
+        steps.append([(c, sensitivity.error({group.name: order[:c]})) for c in counts])
+    level = [0] * len(groups)  # steps taken per group
+    saved = 0.0
+    per_channel = [_channel_flops(g) for g in groups]
+    while saved < target_flops:
+        best = None
+        for g, options in enumerate(steps):
+            if level[g] >= len(options) or per_channel[g] <= 0:
+                continue
+            done_count, done_error = (0, 0.0) if level[g] == 0 else options[level[g] - 1]
+            count, error = options[level[g]]
+            cost = max(error - done_error, 0.0) / ((count - done_count) * per_channel[g])
+            if best is None or cost < best[0]:
+                best = (cost, g, count)
+        if best is None:
+            break
+        _, g, count = best
+        previous = 0 if level[g] == 0 else steps[g][level[g] - 1][0]
+        saved += (count - previous) * per_channel[g]
+        level[g] += 1
+    return [np.sort(order[0 if level[g] == 0 else steps[g][level[g] - 1][0]:]) for g, order in enumerate(orders)]
+
+
+@register_pass
+class PruneChannels(Pass):
+    name = "prune-channels"
+    description = "Remove whole Conv/Gemm channels (and what must lose them too) to meet options['prune'], refitting the readers on calibration data"
+    subgraphs = False
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        from graphopt import export
+
+        spec = ctx.options.get("prune")
+        if not spec:
+            return PassResult(False)
+        goal = parse_prune(spec)
+        ctx.analysis("shapes")
+        groups, refused = channel_groups(graph)
+        record = ctx.options.setdefault("_pruning", {})
+        record["refused"] = [r.to_dict() for r in refused]
+        total = sum(_flops(n) for n in graph.nodes)
+        record["flops_before"] = total
+        if not groups or total <= 0:
+            record["groups"] = []
+            return PassResult(False, stats={"groups refused": len(refused)})
+        data = ctx.calibration_data
+        importance = ctx.options.get("prune_importance") or "weight"
+        if importance not in ("activation", "weight"):
+            raise GraphoptError(f"prune_importance is activation or weight, not '{importance}'")
+        if importance == "activation" and data is None:
+            raise GraphoptError("activation-based pruning needs calibration data (--calibration)")
+        readers = _distinct(n for g in groups for n in g.consumers)
+        original = None
+        proto = None
+        if data is not None:
+            proto = export.to_proto(ctx.model)
+            names = [n.inputs[0].name for n in readers] + [n.outputs[0].name for n in readers]
+            original = _run(proto, data, names, _batches(ctx))
+        if importance == "activation":
+            energy = {n.inputs[0].name: _feature_energy(original[n.inputs[0].name]) for n in readers}
+            scores = [_activation_scores(g, energy) for g in groups]
+        else:
+            scores = [_weight_scores(g) for g in groups]
+        min_keep = float(ctx.options.get("prune_min_keep", DEFAULT_MIN_KEEP))
+        search = data is not None and ctx.options.get("prune_search", True)
+        if search:
+            sensitivity = _Sensitivity(ctx, proto, original)
+            kept = _search(groups, [_ranked(s) for s in scores], sensitivity, goal["flops"] * total, min_keep)
+            record["evaluations"] = sensitivity.evaluations
+        else:
+            kept = _choose(groups, scores, goal["flops"] * total, min_keep)
+        changed = [(g, k) for g, k in zip(groups, kept) if len(k) < g.channels]
+        if not changed:
+            return PassResult(False)
+        refitted = _prune(graph, ctx, groups, kept, original, ctx.model)
+        after = sum(_flops(n) for n in graph.nodes)
+        record.update(flops_after=after, importance=importance, refitted=refitted, searched=bool(search),
+                      groups=[{"producers": [p.name for p in g.producers], "channels": g.channels, "kept": int(len(k))} for g, k in zip(groups, kept)])
+        return PassResult(True, stats={"channels removed": int(sum(g.channels - len(k) for g, k in zip(groups, kept))),
+                                       "groups pruned": len(changed), "readers refitted": refitted, "groups refused": len(refused)})

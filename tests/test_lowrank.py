@@ -1,0 +1,186 @@
+"""lowrank-split (passes/lowrank.py): splits only weights that are really of low rank, stays within
+its tolerance in onnxruntime, weighs by the activations when it has calibration data, and asks
+the cost model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from helpers import F, const, copy, make_model
+from onnx import helper, numpy_helper
+
+from graphopt import calibration, export, verify
+from graphopt.optimize import optimize_model
+
+K = N = 256
+
+
+def _low_rank(rank: int, k: int = K, n: int = N, noise: float = 1e-5, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, rank)) @ rng.standard_normal((rank, n)) / np.sqrt(k * rank)
+    return (w + noise * rng.standard_normal((k, n))).astype(np.float32)
+
+
+def _full_rank(k: int = K, n: int = N, seed: int = 1) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+
+
+def _matmul(w: np.ndarray, x_shape, name: str = "proj") -> onnx.ModelProto:
+    return make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name=name)],
+                      [helper.make_tensor_value_info("x", F, list(x_shape))],
+                      [helper.make_tensor_value_info("y", F, [*x_shape[:-1], w.shape[1]])], [const("w", w)])
+
+
+def _split(proto: onnx.ModelProto, **kwargs):
+    """The optimized model and the pass's record."""
+    model, report = optimize_model(copy(proto), passes=["lowrank-split"], **kwargs)
+    record = next(r for r in report.passes if r.name == "lowrank-split")
+    optimized = export.to_proto(model)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized, record
+
+
+def _relative_error(original, optimized, feeds) -> float:
+    y0, y = verify.run(original, feeds)["y"], verify.run(optimized, feeds)["y"]
+    return float(np.linalg.norm(y - y0) / np.linalg.norm(y0))
+
+
+def _weights(proto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def test_a_rank_8_weight_splits_at_rank_8_within_tolerance():
+    proto = _matmul(_low_rank(8), [64, K])
+    optimized, record = _split(proto)
+    assert record.stats == {"split": 1, "parameters_before": K * N, "parameters_after": 8 * (K + N)}, record.stats
+    assert [n.op_type for n in optimized.graph.node] == ["MatMul", "MatMul"]
+    assert sorted(w.shape for w in _weights(optimized).values()) == [(8, N), (K, 8)]
+    assert sum(w.size for w in _weights(optimized).values()) < K * N
+    [decision] = record.decisions
+    assert decision.kept and decision.after_s < decision.before_s and "rank 8 of 256" in decision.reason, decision
+    x = np.random.default_rng(2).standard_normal((64, K)).astype(np.float32)
+    assert _relative_error(proto, optimized, {"x": x}) < 1e-3
+
+
+def test_the_tolerance_sets_the_rank():
+    # Singular values 1, 1/2, 1/4, ...: a loose tolerance keeps few of them, a tight one more.
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.standard_normal((K, K)))
+    v, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    w = ((u * 0.7 ** np.arange(K)) @ v.T).astype(np.float32)
+    proto = _matmul(w, [64, K])
+    ranks = {}
+    for tolerance in (0.3, 1e-3):
+        optimized, record = _split(proto, options={"lowrank_tolerance": tolerance, "cost": False})
+        ranks[tolerance] = record.stats["parameters_after"] // (K + N)
+        x = rng.standard_normal((64, K)).astype(np.float32)
+        # The weight's error bounds the output's on isotropic inputs only loosely: twice the tolerance.
+        assert _relative_error(proto, optimized, {"x": x}) < 2 * tolerance
+    assert ranks[0.3] < ranks[1e-3], ranks
+    assert all(r % 8 == 0 for r in ranks.values()), ranks
+
+
+def test_a_full_rank_weight_is_left_alone():
+    w = _full_rank()
+    proto = _matmul(w, [64, K])
+    optimized, record = _split(proto)
+    assert not record.changed and not record.stats
+    assert [n.op_type for n in optimized.graph.node] == ["MatMul"]
+    np.testing.assert_array_equal(_weights(optimized)["w"], w)
+
+
+def _anisotropic(rows: int, k: int, seed: int) -> np.ndarray:
+    """Rows whose energy lies almost all in 6 fixed random directions."""
+    basis = np.linalg.qr(np.random.default_rng(42).standard_normal((k, k)))[0]
+    scales = np.full(k, 0.01)
+    scales[:6] = [30, 20, 15, 10, 8, 5]
+    z = np.random.default_rng(seed).standard_normal((rows, k))
+    return ((z * scales) @ basis.T).astype(np.float32)
+
+
+def test_activation_weighted_split_beats_plain_svd_on_held_out_data():
+    k = n = 128
+    proto = _matmul(_full_rank(k, n), [32, k])
+    options = {"lowrank_rank": 8, "cost": False}
+    plain, plain_record = _split(proto, options=options)
+    data = calibration.from_arrays({"x": _anisotropic(32 * 8, k, seed=5)}, proto)
+    weighted, weighted_record = _split(proto, options=options, calibration_data=data)
+    assert plain_record.stats["parameters_after"] == weighted_record.stats["parameters_after"] == 8 * (k + n)
+    held_out = {"x": _anisotropic(32, k, seed=6)}
+    plain_error = _relative_error(proto, plain, held_out)
+    weighted_error = _relative_error(proto, weighted, held_out)
+    # A full-rank W loses most of its output at rank 8 of 128 where it does not know the data.
+    assert plain_error > 0.5, plain_error
+    assert weighted_error < 0.01 and weighted_error < plain_error / 50, (weighted_error, plain_error)
+
+
+def test_the_cost_model_declines_a_tiny_matmul_and_says_so():
+    # Two kernels instead of one for a 32 x 32 product of one row: the fixed cost of the second
+    # outweighs the bytes saved.
+    proto = _matmul(_low_rank(2, 32, 32), [1, 32])
+    declined, record = _split(proto)
+    assert not record.changed
+    assert [n.op_type for n in declined.graph.node] == ["MatMul"]
+    [decision] = record.decisions
+    assert not decision.kept and decision.node == "proj" and decision.after_s >= decision.before_s, decision
+    forced, forced_record = _split(proto, options={"cost": False})
+    assert forced_record.stats["split"] == 1 and not forced_record.decisions
+    assert [n.op_type for n in forced.graph.node] == ["MatMul", "MatMul"]
+
+
+def test_gemm_with_trans_b_alpha_beta_and_bias():
+    w = _low_rank(8)
+    bias = np.random.default_rng(7).standard_normal(N).astype(np.float32)
+    proto = make_model([helper.make_node("Gemm", ["x", "wt", "c"], ["y"], name="fc", transB=1, alpha=0.5, beta=2.0)],
+                       [helper.make_tensor_value_info("x", F, [64, K])], [helper.make_tensor_value_info("y", F, [64, N])],
+                       [const("wt", np.ascontiguousarray(w.T)), const("c", bias)])
+    optimized, record = _split(proto)
+    assert record.stats["split"] == 1, record.stats
+    assert [n.op_type for n in optimized.graph.node] == ["MatMul", "Gemm"]
+    x = np.random.default_rng(8).standard_normal((64, K)).astype(np.float32)
+    assert _relative_error(proto, optimized, {"x": x}) < 1e-3
+
+
+def test_what_it_does_not_understand_stays():
+    w = _low_rank(8)
+    shared = make_model([helper.make_node("MatMul", ["x", "w"], ["a"], name="first"), helper.make_node("MatMul", ["x", "w"], ["b"], name="second"),
+                         helper.make_node("Add", ["a", "b"], ["y"])],
+                        [helper.make_tensor_value_info("x", F, [64, K])], [helper.make_tensor_value_info("y", F, [64, N])], [const("w", w)])
+    transposed_a = make_model([helper.make_node("Gemm", ["x", "w"], ["y"], transA=1)],
+                              [helper.make_tensor_value_info("x", F, [K, 64])], [helper.make_tensor_value_info("y", F, [64, N])], [const("w", w)])
+    batched = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                         [helper.make_tensor_value_info("x", F, [2, 64, K])], [helper.make_tensor_value_info("y", F, [2, 64, N])],
+                         [const("w", np.stack([w, w]))])
+    for proto in (shared, transposed_a, batched):
+        _, record = _split(proto, options={"cost": False})
+        assert not record.changed, proto.graph.node
+
+
+def test_a_transformer_shaped_activation_with_calibration_data():
+    # [batch, seq, K] with symbolic sizes, as torch exports a Linear; leading axes are rows. The
+    # Relu makes the activation one the calibration run has to fetch, not a fed input.
+    proto = make_model([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")],
+                       [helper.make_tensor_value_info("x", F, ["batch", "seq", K])],
+                       [helper.make_tensor_value_info("y", F, ["batch", "seq", N])], [const("w", _low_rank(8))])
+    x = np.random.default_rng(9).standard_normal((6, 5, K)).astype(np.float32)
+    data = calibration.from_arrays({"x": x}, proto, batch_size=2)
+    optimized, record = _split(proto, calibration_data=data)
+    assert record.stats["split"] == 1 and record.stats["parameters_after"] == 8 * (K + N), record.stats
+    [decision] = record.decisions
+    assert decision.kept and "on the calibration activations" in decision.reason, decision
+    feeds = {"x": np.random.default_rng(10).standard_normal((3, 7, K)).astype(np.float32)}
+    assert _relative_error(proto, optimized, feeds) < 1e-3
+    assert verify.run(optimized, feeds)["y"].shape == (3, 7, N)
+
+
+def test_graphopt_run_passes_lowrank_split(cli, tmp_path):
+    source, out, report = tmp_path / "m.onnx", tmp_path / "m.opt.onnx", tmp_path / "report.json"
+    onnx.save_model(_matmul(_low_rank(8), [64, K]), str(source))
+    # The split is lossy by design (within lowrank_tolerance): run's elementwise check needs room.
+    proc = cli("run", source, "--passes", "lowrank-split", "--rtol", "1e-2", "--atol", "1e-2", "-o", out, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["MatMul", "MatMul"]
+    record = next(r for r in json.loads(report.read_text())["passes"] if r["name"] == "lowrank-split")
+    assert record["stats"]["split"] == 1, record
