@@ -149,7 +149,7 @@ def _choose(groups: list[ChannelGroup], scores: list[np.ndarray], target_flops: 
 def _apply(groups: list[ChannelGroup], kept: list[np.ndarray]) -> None:
     """Slice every constant along the axes the groups index, once per constant and axis."""
     masks: dict[tuple[int, int], tuple[gs.Constant, np.ndarray]] = {}
-    shrink: dict[int, tuple[gs.Variable, int]] = {}
+    shrink: dict[int, tuple[gs.Variable, int, int]] = {}
     for group, keep in zip(groups, kept):
         if len(keep) == group.channels:
             continue
@@ -162,9 +162,9 @@ def _apply(groups: list[ChannelGroup], kept: list[np.ndarray]) -> None:
             masks[key][1][positions] = False
         for node in group.depthwise:
             node.attrs["group"] = len(keep)
-        for t, _offset, block in group.tensors:
-            previous = shrink.get(id(t), (t, 0))[1]
-            shrink[id(t)] = (t, previous + len(dropped) * block)
+        for t, _offset, block, axis in group.tensors:
+            previous = shrink.get(id(t), (t, 0, axis))[1]
+            shrink[id(t)] = (t, previous + len(dropped) * block, axis)
     by_constant: dict[int, list[tuple[int, np.ndarray]]] = {}
     constants = {}
     for (cid, axis), (constant, mask) in masks.items():
@@ -175,10 +175,10 @@ def _apply(groups: list[ChannelGroup], kept: list[np.ndarray]) -> None:
         for axis, mask in cuts:
             values = np.compress(mask, values, axis=axis)
         constants[cid].values = np.ascontiguousarray(values)
-    for t, removed in shrink.values():
-        if t.shape is not None and len(t.shape) > 1 and isinstance(t.shape[1], int):
+    for t, removed, axis in shrink.values():
+        if t.shape is not None and len(t.shape) > axis and isinstance(t.shape[axis], int):
             shape = list(t.shape)
-            shape[1] -= removed
+            shape[axis] -= removed
             t.shape = shape
 
 
@@ -205,9 +205,10 @@ def _run(proto, data, names: list[str], batches: int) -> dict[str, np.ndarray]:
     return {n: np.concatenate(v, axis=0) for n, v in collected.items()}
 
 
-def _feature_energy(x: np.ndarray) -> np.ndarray:
-    """E[x^2] per feature of a reader's input: axis 1, averaged over everything else."""
-    return (x.astype(np.float64) ** 2).mean(axis=tuple(i for i in range(x.ndim) if i != 1)).reshape(-1)
+def _feature_energy(x: np.ndarray, reader: gs.Node) -> np.ndarray:
+    """E[x^2] per feature of a reader's input (a Conv's axis 1, a Gemm/MatMul's last), averaged over the rest."""
+    axis = 1 if reader.op == "Conv" else x.ndim - 1
+    return (x.astype(np.float64) ** 2).mean(axis=tuple(i for i in range(x.ndim) if i != axis)).reshape(-1)
 
 
 def _im2col(x: np.ndarray, node: gs.Node, rng: np.random.Generator) -> np.ndarray:
@@ -280,6 +281,13 @@ def _set_bias(reader: gs.Node, bias: np.ndarray, graph: gs.Graph, ctx: PassConte
             reader.attrs["beta"] = 1.0
         return
     out = reader.outputs[0]
+    follower = out.outputs[0] if len(out.outputs) == 1 and not ir.is_graph_output(graph, out) else None
+    if follower is not None and follower.op == "Add" and follower.domain in ir.DEFAULT_DOMAINS:
+        other = follower.inputs[1] if follower.inputs[0] is out else follower.inputs[0]
+        value = ir.constant_value(other)
+        if isinstance(other, gs.Constant) and len(other.outputs) == 1 and value is not None and value.shape == bias.shape:
+            other.values = (value + bias).astype(value.dtype)  # the model's own bias Add takes the refit
+            return
     product = gs.Variable(ctx.fresh_name(f"{reader.name}_product"), dtype=out.dtype, shape=out.shape)
     reader.outputs[0] = product
     graph.nodes.append(gs.Node("Add", ctx.fresh_name(f"{reader.name}_bias_refit"),
@@ -429,7 +437,7 @@ class PruneChannels(Pass):
             names = [n.inputs[0].name for n in readers] + [n.outputs[0].name for n in readers]
             original = _run(proto, data, names, _batches(ctx))
         if importance == "activation":
-            energy = {n.inputs[0].name: _feature_energy(original[n.inputs[0].name]) for n in readers}
+            energy = {n.inputs[0].name: _feature_energy(original[n.inputs[0].name], n) for n in readers}
             scores = [_activation_scores(g, energy) for g in groups]
         else:
             scores = [_weight_scores(g) for g in groups]

@@ -187,6 +187,30 @@ def test_flatten_into_a_gemm_removes_each_channels_block_of_features():
     _check_dead_channels_go_and_outputs_stay(proto, {"conv1.weight": [3, 4, 3, 3], "fc.weight": [7, 48]})
 
 
+def test_a_transformer_ffn_prunes_its_hidden_neurons_through_a_decomposed_gelu():
+    """MatMul [batch, seq, 16] @ [16, 32] + bias -> x * 0.5 * (1 + erf(x / sqrt 2)) -> MatMul @ [32, 16]:
+    the hidden features are the last axis, and GELU's x * (...) ties two tensors of the same group."""
+    w1 = RNG.standard_normal((16, 32)).astype(np.float32)
+    b1 = RNG.standard_normal(32).astype(np.float32)
+    dead = [0, 3, 4, 9, 10, 17, 20, 21, 22, 25, 28, 31, 5, 6, 7, 8]
+    w1[:, dead] = 0
+    b1[dead] = 0
+    inits = [numpy_helper.from_array(w1, "ffn.w1"), numpy_helper.from_array(b1, "ffn.b1"),
+             numpy_helper.from_array(RNG.standard_normal((32, 16)).astype(np.float32), "ffn.w2"),
+             numpy_helper.from_array(np.float32(np.sqrt(2)), "sqrt2"), numpy_helper.from_array(np.float32(1), "one"),
+             numpy_helper.from_array(np.float32(0.5), "half")]
+    nodes = [helper.make_node("MatMul", ["x", "ffn.w1"], ["h0"], name="fc1"), helper.make_node("Add", ["h0", "ffn.b1"], ["h"], name="bias1"),
+             helper.make_node("Div", ["h", "sqrt2"], ["d"], name="div"), helper.make_node("Erf", ["d"], ["e"], name="erf"),
+             helper.make_node("Add", ["e", "one"], ["e1"], name="plus_one"), helper.make_node("Mul", ["h", "e1"], ["g0"], name="gelu_mul"),
+             helper.make_node("Mul", ["g0", "half"], ["g"], name="half_mul"), helper.make_node("MatMul", ["g", "ffn.w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 16])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    groups, _ = _groups(proto)
+    assert [(g.producers[0].name, g.channels, [c.name for c in g.consumers]) for g in groups] == [("fc1", 32, ["fc2"])]
+    _check_dead_channels_go_and_outputs_stay(proto, {"ffn.w1": [16, 16], "ffn.b1": [16], "ffn.w2": [16, 16]})
+
+
 def test_attention_projections_are_refused_at_the_head_reshape():
     """Q/K/V projections whose outputs split into heads: a Reshape with a fixed shape constant
     reads them, which the analysis does not rewrite (head pruning is not built yet)."""

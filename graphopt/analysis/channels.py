@@ -32,7 +32,7 @@ ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip"
                          "Softplus", "Mish", "Identity", "Dropout", "Neg", "Abs", "Exp", "Sqrt", "Swish"})
 POOLING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 BINARY = frozenset({"Add", "Mul", "Sub", "Div"})
-CHANNEL_AXIS = 1  # NCHW, and the feature axis of a 2-D Gemm/MatMul activation
+CHANNEL_AXIS = 1  # of what a Conv produces (NCHW); a Gemm/MatMul's channels are its output's last axis
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class ChannelGroup:
     producers: list[gs.Node] = field(default_factory=list)  # nodes whose output channels these are
     slices: list[Slice] = field(default_factory=list)
     depthwise: list[gs.Node] = field(default_factory=list)  # Convs whose `group` equals the channels
-    # Tensors whose channel axis (or Flatten feature axis: block) is the group's: (tensor, offset, block).
-    tensors: list[tuple[gs.Variable, int, int]] = field(default_factory=list)
+    # Tensors whose channel axis (or Flatten feature axis: block) is the group's: (tensor, offset, block, axis).
+    tensors: list[tuple[gs.Variable, int, int, int]] = field(default_factory=list)
     consumers: list[gs.Node] = field(default_factory=list)  # the layers that reduce over the channels
 
     @property
@@ -118,15 +118,17 @@ def _producer_slices(node: gs.Node) -> tuple[int, list[Slice]] | None:
     return None
 
 
-def _per_channel_axis(value: np.ndarray, rank: int, channels: int) -> int | None | str:
-    """The axis of a broadcast constant that runs along the channel axis of a rank-`rank` tensor;
+def _per_channel_axis(value: np.ndarray, rank: int, channels: int, channel_axis: int) -> int | None | str:
+    """The axis of a broadcast constant that runs along `channel_axis` of a rank-`rank` tensor;
     None for a scalar-like constant (nothing to slice); "no" when it broadcasts otherwise."""
     if value.size == 1:
         return None
     shape = (1,) * (rank - value.ndim) + value.shape
-    if len(shape) != rank or shape[CHANNEL_AXIS] != channels or any(d != 1 for i, d in enumerate(shape) if i != CHANNEL_AXIS):
+    if len(shape) != rank or shape[channel_axis] != channels or any(d != 1 for i, d in enumerate(shape) if i != channel_axis):
         return "no"
-    return value.ndim - (rank - CHANNEL_AXIS)
+    if value.ndim < rank - channel_axis:
+        return "no"
+    return value.ndim - (rank - channel_axis)
 
 
 class _Walk:
@@ -134,6 +136,7 @@ class _Walk:
 
     def __init__(self, graph: gs.Graph, start: gs.Node, channels: int, slices: list[Slice]):
         self.graph, self.channels = graph, channels
+        self.features_last = start.op != "Conv"  # a Gemm/MatMul's channels are the last axis, at any rank
         self.group = ChannelGroup(channels, [start], list(slices))
         self.ties: list[gs.Node] = []  # residual Adds: tie this group with the other operand's
         self.seen: set[int] = set()
@@ -145,14 +148,23 @@ class _Walk:
         if offset == 0 and id(t) in self.seen:
             return
         self.seen.add(id(t))
-        self.group.tensors.append((t, offset, 1))
+        self.group.tensors.append((t, offset, 1, self.axis(t)))
         for reader in ir.consumers(t):
             self.read(reader, t, offset)
+
+    def axis(self, t: gs.Tensor) -> int:
+        if not self.features_last:
+            return CHANNEL_AXIS
+        if t.shape is None:
+            raise _Stop(t.inputs[0] if t.inputs else None, f"tensor {t.name} has an unknown rank")
+        return len(t.shape) - 1
 
     def read(self, node: gs.Node, t: gs.Tensor, offset: int) -> None:
         if ir.subgraphs_of(node) or node.domain not in ir.DEFAULT_DOMAINS:
             raise _Stop(node, f"{node.op} is not a channel-wise op the analysis knows")
         op = node.op
+        if op in POOLING and self.features_last:
+            raise _Stop(node, f"{op} over the features of a Gemm/MatMul")
         if op in ELEMENTWISE or op in POOLING:
             if op == "PRelu" and not self._per_channel(node, 1, t, offset, "passthrough"):
                 raise _Stop(node, "PRelu with a slope that is not per channel")
@@ -173,30 +185,32 @@ class _Walk:
                 if not self._per_channel(node, node.inputs.index(other), t, offset, "passthrough"):
                     raise _Stop(node, f"{op} with a constant that broadcasts across the channels")
                 self.follow(node.outputs[0], offset, node)
-            elif op == "Add" and offset == 0 and t.shape is not None and other.shape is not None and list(t.shape) == list(other.shape):
+            elif offset == 0 and t.shape is not None and other.shape is not None and list(t.shape) == list(other.shape):
+                # Elementwise of two same-shape tensors (a residual Add, the x * erf(x) of a
+                # decomposed GELU): both must carry the same channels, which `_tied` checks.
                 self.ties.append(node)
                 self.follow(node.outputs[0], 0, node)
             else:
-                raise _Stop(node, f"{op} of two computed tensors that is not a same-shape residual Add")
-        elif op == "Conv" and node.inputs[0] is t:
+                raise _Stop(node, f"{op} of two computed tensors of different shapes (a broadcast)")
+        elif op == "Conv" and node.inputs[0] is t and not self.features_last:
             self.conv_reader(node, offset)
         elif op in ("Gemm", "MatMul") and node.inputs[0] is t:
             found = _gemm_weight(node)
-            if found is None or t.shape is None or len(t.shape) != 2:
-                raise _Stop(node, f"{op} without a constant 2-D weight on a 2-D input")
+            if found is None or t.shape is None or (len(t.shape) != 2 and not (self.features_last and op == "MatMul")):
+                raise _Stop(node, f"{op} without a constant 2-D weight reading the channels as its features")
             w, in_axis, _ = found
             self.group.slices.append(Slice(node, w, in_axis, offset, 1, "consumer"))
             self.group.consumers.append(node)
-        elif op in ("Flatten", "Reshape") and node.inputs[0] is t:
+        elif op in ("Flatten", "Reshape") and node.inputs[0] is t and not self.features_last:
             self.flatten(node, t, offset)
-        elif op == "Concat" and int(node.attrs.get("axis", 0)) in (CHANNEL_AXIS, CHANNEL_AXIS - len(t.shape or [0, 0])):
-            before = 0
+        elif op == "Concat" and t.shape is not None and int(node.attrs.get("axis", 0)) % len(t.shape) == self.axis(t):
+            before, axis = 0, self.axis(t)
             for i in node.inputs:
                 if i is t:
                     break
-                if i.shape is None or not isinstance(i.shape[CHANNEL_AXIS], int):
+                if i.shape is None or not isinstance(i.shape[axis], int):
                     raise _Stop(node, "Concat of an input with an unknown channel count")
-                before += i.shape[CHANNEL_AXIS]
+                before += i.shape[axis]
             self.follow(node.outputs[0], offset + before, node)
         else:
             raise _Stop(node, f"{op} is not a channel-wise op the analysis knows")
@@ -206,8 +220,8 @@ class _Walk:
         rank = len(t.shape) if t.shape is not None else None
         if const is None or rank is None:
             return False
-        total = t.shape[CHANNEL_AXIS]
-        axis = _per_channel_axis(const.values, rank, total)
+        channel_axis = self.axis(t)
+        axis = _per_channel_axis(const.values, rank, t.shape[channel_axis], channel_axis)
         if axis == "no":
             return False
         if axis is not None:
@@ -250,7 +264,7 @@ class _Walk:
         readers = ir.consumers(out)
         if id(out) in self.outputs or not readers:
             raise _Stop(node, "the flattened channels reach a graph output")
-        self.group.tensors.append((out, offset * block, block))
+        self.group.tensors.append((out, offset * block, block, 1))
         for reader in readers:
             found = _gemm_weight(reader) if reader.op in ("Gemm", "MatMul") and reader.inputs[0] is out else None
             if found is None:
@@ -299,7 +313,7 @@ def _tied(walks: list[_Walk], refused: list[Refused]) -> tuple[list[ChannelGroup
     adds = {id(add): add for walk in walks for add in walk.ties}
     for key, members in by_add.items():
         add = adds[key]
-        reached = {id(t) for i in members for t, _, _ in walks[i].group.tensors}
+        reached = {id(entry[0]) for i in members for entry in walks[i].group.tensors}
         if not all(id(operand) in reached for operand in add.inputs):
             bad[members[0]] = (add.name, "residual Add of a tensor that no prunable layer produces (a graph input, or a group left whole)")
         for i in members[1:]:
@@ -312,7 +326,7 @@ def _tied(walks: list[_Walk], refused: list[Refused]) -> tuple[list[ChannelGroup
         names = tuple(walks[i].group.producers[0].name for i in members)
         problem = next((bad[i] for i in members if i in bad), None)
         if problem is None and len({walks[i].channels for i in members}) > 1:
-            problem = (names[0], "residual Add of tensors with different channel counts")
+            problem = (names[0], "elementwise op of tensors with different channel counts")
         group = _merge([walks[i].group for i in members]) if problem is None else None
         if problem is None:
             problem = _shared_constant(group)
@@ -333,10 +347,10 @@ def _merge(parts: list[ChannelGroup]) -> ChannelGroup:
             if key not in seen_slices:
                 seen_slices.add(key)
                 group.slices.append(s)
-        for t, offset, block in part.tensors:
-            if (id(t), offset) not in seen_tensors:
-                seen_tensors.add((id(t), offset))
-                group.tensors.append((t, offset, block))
+        for entry in part.tensors:
+            if (id(entry[0]), entry[1]) not in seen_tensors:
+                seen_tensors.add((id(entry[0]), entry[1]))
+                group.tensors.append(entry)
         group.depthwise += [n for n in part.depthwise if n not in group.depthwise]
         group.consumers += [n for n in part.consumers if n not in group.consumers]
     return group
