@@ -279,7 +279,7 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
         if quantize == "int8" or calibration_source:
             calibration_data = _calibration_data(calibration_source, proto, feedback)
     elif calibration_source:
-        raise GraphoptError("--calibration is for --quantize, --prune or --lowrank; add one")
+        raise GraphoptError("--calibration is for --quantize, --prune or --lowrank; add --quantize int8 (or --prune flops=F, --lowrank TOL)")
     elif ray_address:
         raise GraphoptError("--ray runs the accuracy search of --quantize; add --quantize")
     inputs = original_outputs = None
