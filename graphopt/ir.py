@@ -402,3 +402,38 @@ def toposort(graph: gs.Graph) -> None:
         raise GraphoptError("graph has a cycle", node=stuck.name or stuck.op)
     if order != list(range(len(nodes))):
         graph.nodes = [nodes[i] for i in order]
+
+
+def add_to_bias(node: gs.Node, shift: np.ndarray, fresh_name) -> bool:
+    """Adds `shift` to the node's bias: its bias input (created for a Conv without one), or the
+    constant of the Add that is a MatMul's bias; False where there is no such place (a
+    MatMul without one, a bias broadcast another way or shared). `fresh_name` names the new constant."""
+    if node.op in ("Conv", "Gemm"):
+        if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0 and len(node.inputs) > 2:
+            return False
+        if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+            bias = constant_value(node.inputs[2])
+            if bias is None or bias.shape != shift.shape:
+                return False
+        else:
+            bias = np.zeros(shift.shape, np.float32)
+        name = node.inputs[2].name if len(node.inputs) > 2 and not node.inputs[2].is_empty() else f"{node.name}_bias"
+        corrected = make_constant(fresh_name(f"{name}_corrected"), (bias + shift).astype(np.float32))
+        if len(node.inputs) > 2:
+            node.inputs[2] = corrected
+        else:
+            node.inputs.append(corrected)
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        return True
+    y = node.outputs[0]
+    add = y.outputs[0] if len(y.outputs) == 1 and y.outputs[0].op == "Add" else None
+    if add is None:
+        return False
+    index = next((i for i, t in enumerate(add.inputs) if t is not y), None)
+    bias = constant_value(add.inputs[index]) if index is not None else None
+    if bias is None or bias.shape[-1:] != shift.shape or bias.size != shift.size or len(add.inputs[index].outputs) != 1:
+        return False  # a bias broadcast another way, or shared with another node, keeps its value
+    add.inputs[index] = make_constant(fresh_name(f"{add.inputs[index].name}_corrected"),
+                                         (bias + shift.reshape(bias.shape)).astype(np.float32))
+    return True

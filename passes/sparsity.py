@@ -269,29 +269,24 @@ def _reconstruct(reader: gs.Node, x_pruned: np.ndarray, y_original: np.ndarray, 
 
 
 def _set_bias(reader: gs.Node, bias: np.ndarray, graph: gs.Graph, ctx: PassContext) -> None:
-    """The fitted bias replaces the reader's (a MatMul gets an Add after it)."""
+    """The fitted bias replaces the reader's: for a Conv/Gemm (whose output the fit targeted) the
+    difference goes into its bias; a MatMul's goes into its bias Add, or a new Add after it."""
     if reader.op in ("Conv", "Gemm"):
-        name = ctx.fresh_name(f"{reader.name}_bias_refit")
-        constant = ir.make_constant(name, bias)
-        if len(reader.inputs) > 2:
-            reader.inputs[2] = constant
-        else:
-            reader.inputs.append(constant)
-        if reader.op == "Gemm":
+        current = ir.constant_value(reader.inputs[2]) if len(reader.inputs) > 2 and not reader.inputs[2].is_empty() else None
+        if current is not None and reader.op == "Gemm":
+            current = current * float(reader.attrs.get("beta", 1.0))
             reader.attrs["beta"] = 1.0
+            reader.inputs[2].values = current.astype(bias.dtype)
+        shift = bias - (np.zeros_like(bias) if current is None else np.broadcast_to(current, bias.shape))
+    else:
+        shift = bias
+    if ir.add_to_bias(reader, shift.astype(np.float32), ctx.fresh_name):
         return
     out = reader.outputs[0]
-    follower = out.outputs[0] if len(out.outputs) == 1 and not ir.is_graph_output(graph, out) else None
-    if follower is not None and follower.op == "Add" and follower.domain in ir.DEFAULT_DOMAINS:
-        other = follower.inputs[1] if follower.inputs[0] is out else follower.inputs[0]
-        value = ir.constant_value(other)
-        if isinstance(other, gs.Constant) and len(other.outputs) == 1 and value is not None and value.shape == bias.shape:
-            other.values = (value + bias).astype(value.dtype)  # the model's own bias Add takes the refit
-            return
     product = gs.Variable(ctx.fresh_name(f"{reader.name}_product"), dtype=out.dtype, shape=out.shape)
     reader.outputs[0] = product
     graph.nodes.append(gs.Node("Add", ctx.fresh_name(f"{reader.name}_bias_refit"),
-                                   inputs=[product, ir.make_constant(ctx.fresh_name(f"{reader.name}_bias"), bias)], outputs=[out]))
+                               inputs=[product, ir.make_constant(ctx.fresh_name(f"{reader.name}_bias"), bias)], outputs=[out]))
 
 
 def _distinct(nodes) -> list[gs.Node]:

@@ -307,7 +307,7 @@ def _correct_biases(nodes: list[gs.Node], fp32, data, params, ctx: PassContext) 
         shape[axis] = -1
         w_q = q.astype(np.float64) * scale.astype(np.float64).reshape(shape)
         shift = _output_mean(node, w, means[0]) - _output_mean(node, w_q, means[1])
-        if shift is not None and np.all(np.isfinite(shift)) and _add_to_bias(node, shift, ctx):
+        if shift is not None and np.all(np.isfinite(shift)) and ir.add_to_bias(node, shift, ctx.fresh_name):
             corrected += 1
     return corrected
 
@@ -323,40 +323,6 @@ def _output_mean(node: gs.Node, w: np.ndarray, input_mean: np.ndarray) -> np.nda
         return np.einsum("goi,gi->go", taps, input_mean.reshape(groups, in_per_group)).reshape(-1)
     matrix = w.T if node.op == "Gemm" and node.attrs.get("transB", 0) else w  # [K, N]
     return input_mean @ matrix if input_mean.size == matrix.shape[0] else None
-
-
-def _add_to_bias(node: gs.Node, shift: np.ndarray, ctx: PassContext) -> bool:
-    """Adds `shift` to the node's bias: its bias input (created for a Conv without one), or the
-    constant of the Add that is a MatMul's bias."""
-    if node.op in ("Conv", "Gemm"):
-        if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0 and len(node.inputs) > 2:
-            return False
-        if len(node.inputs) > 2 and not node.inputs[2].is_empty():
-            bias = ir.constant_value(node.inputs[2])
-            if bias is None or bias.shape != shift.shape:
-                return False
-        else:
-            bias = np.zeros(shift.shape, np.float32)
-        name = node.inputs[2].name if len(node.inputs) > 2 and not node.inputs[2].is_empty() else f"{node.name}_bias"
-        corrected = ir.make_constant(ctx.fresh_name(f"{name}_corrected"), (bias + shift).astype(np.float32))
-        if len(node.inputs) > 2:
-            node.inputs[2] = corrected
-        else:
-            node.inputs.append(corrected)
-        if node.op == "Gemm":
-            node.attrs["beta"] = 1.0
-        return True
-    y = node.outputs[0]
-    add = y.outputs[0] if len(y.outputs) == 1 and y.outputs[0].op == "Add" else None
-    if add is None:
-        return False
-    index = next((i for i, t in enumerate(add.inputs) if t is not y), None)
-    bias = ir.constant_value(add.inputs[index]) if index is not None else None
-    if bias is None or bias.shape[-1:] != shift.shape or bias.size != shift.size or len(add.inputs[index].outputs) != 1:
-        return False  # a bias broadcast another way, or shared with another node, keeps its value
-    add.inputs[index] = ir.make_constant(ctx.fresh_name(f"{add.inputs[index].name}_corrected"),
-                                         (bias + shift.reshape(bias.shape)).astype(np.float32))
-    return True
 
 
 # The int8 model must be at least this much faster than fp32, measured, to be kept: below it, the
