@@ -1047,6 +1047,29 @@ def channel_statistics(
             for name in names if name in sums}
 
 
+def tensor_batches(model: onnx.ModelProto, data: CalibrationData, tensors: Sequence[str], *, threads: int = 2,
+                   batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """{tensor: value} for each calibration batch (the first `batches` of them), in one onnxruntime
+    session without graph rewrites; a tensor that is a model input is the batch's own feed."""
+    import onnxruntime as ort
+
+    from graphopt import verify
+
+    names = list(dict.fromkeys(tensors))
+    fed = set(data.inputs)
+    fetched = [n for n in names if n not in fed]
+    sess = verify._session(with_outputs(model, fetched), threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL) if fetched else None
+    for done, feeds in enumerate(data, 1):
+        if batches is not None and done > batches:
+            return
+        try:
+            values = dict(zip(fetched, sess.run(fetched, feeds))) if fetched else {}
+        except Exception as exc:
+            raise GraphoptError(f"onnxruntime failed to run the model on calibration batch {done}: {one_line(exc)}") from None
+        values.update({n: feeds[n] for n in names if n in fed})
+        yield values
+
+
 def fake_quantized(x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """x through QuantizeLinear and DequantizeLinear with a per-tensor (scale, zero point), whose
     dtype (uint8 or int8) sets the levels: rounding half to even, as onnxruntime does."""

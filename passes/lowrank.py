@@ -93,23 +93,12 @@ def _probe(node: gs.Node, x: gs.Variable, k: int, n: int, rank: int) -> list[gs.
 
 def _second_moments(ctx: PassContext, activations: list[gs.Variable]) -> dict[str, np.ndarray]:
     """S = X^T X / rows for each activation over the calibration data, in one onnxruntime run."""
-    import onnxruntime as ort
+    from graphopt import calibration, export
 
-    from graphopt import calibration, export, verify
-
-    data = ctx.calibration_data
-    names = list(dict.fromkeys(t.name for t in activations))
-    fed = set(data.inputs)
-    fetched = [n for n in names if n not in fed]
-    session = None
-    if fetched:
-        proto = calibration.with_outputs(export.to_proto(ctx.model), fetched)
-        session = verify._session(proto, ctx.options.get("threads") or 2, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    names = [t.name for t in activations]
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
-    for feeds in data:
-        values = dict(zip(fetched, session.run(fetched, feeds))) if session is not None else {}
-        values.update({n: feeds[n] for n in names if n in fed})
+    for values in calibration.tensor_batches(export.to_proto(ctx.model), ctx.calibration_data, names, threads=ctx.options.get("threads") or 2):
         for name, value in values.items():
             value = np.asarray(value)
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)

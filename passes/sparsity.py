@@ -188,20 +188,12 @@ def _apply(groups: list[ChannelGroup], kept: list[np.ndarray]) -> None:
 
 def _run(proto, data, names: list[str], batches: int) -> dict[str, np.ndarray]:
     """The named tensors on the first `batches` calibration batches, concatenated along axis 0."""
-    import onnxruntime as ort
-
     from graphopt import calibration
 
-    session = ort.InferenceSession(calibration.with_outputs(proto, names).SerializeToString(), providers=["CPUExecutionProvider"])
-    wanted = list(dict.fromkeys(names))
-    collected: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
-    inputs = {i.name for i in session.get_inputs()}
-    for i, feeds in enumerate(data):
-        if i >= batches:
-            break
-        outs = session.run(wanted, {k: v for k, v in feeds.items() if k in inputs})
-        for name, value in zip(wanted, outs):
-            collected[name].append(value)
+    collected: dict[str, list[np.ndarray]] = {}
+    for values in calibration.tensor_batches(proto, data, names, batches=batches):
+        for name, value in values.items():
+            collected.setdefault(name, []).append(np.asarray(value))
     return {n: np.concatenate(v, axis=0) for n, v in collected.items()}
 
 
@@ -337,10 +329,7 @@ class _Sensitivity:
     measured on the calibration data: which groups can lose how much."""
 
     def __init__(self, ctx: PassContext, proto, original: dict):
-        from graphopt import loading
-
         self.ctx, self.proto, self.original = ctx, proto, original
-        self.loading = loading
         outputs = [o.name for o in proto.graph.output]
         self.outputs = outputs
         self.reference = _run(proto, ctx.calibration_data, outputs, _batches(ctx))
@@ -348,10 +337,10 @@ class _Sensitivity:
 
     def error(self, removals: dict[str, np.ndarray]) -> float:
         """Relative squared error of the outputs with these channels (per group name) removed."""
-        from graphopt import export
+        from graphopt import export, loading
         from graphopt.analysis import shapes
 
-        model = self.loading.from_proto(self.proto)
+        model = loading.from_proto(self.proto)
         shapes.infer_shapes(model)
         groups, _ = channel_groups(model.graph)
         chosen = [g for g in groups if g.name in removals]
