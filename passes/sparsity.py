@@ -329,10 +329,10 @@ class _Sensitivity:
     measured on the calibration data: which groups can lose how much."""
 
     def __init__(self, ctx: PassContext, proto, original: dict):
+        """`original`: the unpruned model's tensors on the calibration data, its outputs among them."""
         self.ctx, self.proto, self.original = ctx, proto, original
-        outputs = [o.name for o in proto.graph.output]
-        self.outputs = outputs
-        self.reference = _run(proto, ctx.calibration_data, outputs, _batches(ctx))
+        self.outputs = [o.name for o in proto.graph.output]
+        self.reference = {o: original[o] for o in self.outputs}
         self.evaluations = 0
 
     def error(self, removals: dict[str, np.ndarray]) -> float:
@@ -418,7 +418,8 @@ class PruneChannels(Pass):
         proto = None
         if data is not None:
             proto = export.to_proto(ctx.model)
-            names = [n.inputs[0].name for n in readers] + [n.outputs[0].name for n in readers]
+            # The readers' inputs and outputs (the refit) and the model's outputs (the search's reference), in one run.
+            names = [n.inputs[0].name for n in readers] + [n.outputs[0].name for n in readers] + [o.name for o in proto.graph.output]
             original = _run(proto, data, names, _batches(ctx))
         if importance == "activation":
             energy = {n.inputs[0].name: _feature_energy(original[n.inputs[0].name], n) for n in readers}

@@ -135,7 +135,7 @@ class _Walk:
     """One producer's channels followed forward."""
 
     def __init__(self, graph: gs.Graph, start: gs.Node, channels: int, slices: list[Slice]):
-        self.graph, self.channels = graph, channels
+        self.channels = channels
         self.features_last = start.op != "Conv"  # a Gemm/MatMul's channels are the last axis, at any rank
         self.group = ChannelGroup(channels, [start], list(slices))
         self.ties: list[gs.Node] = []  # residual Adds: tie this group with the other operand's
