@@ -1048,9 +1048,9 @@ def channel_statistics(
 
 
 def tensor_batches(model: onnx.ModelProto, data: CalibrationData, tensors: Sequence[str], *, threads: int = 2,
-                   batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """{tensor: value} for each calibration batch (the first `batches` of them), in one onnxruntime
-    session without graph rewrites; a tensor that is a model input is the batch's own feed."""
+                   batches: int | None = None, first: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """{tensor: value} for each calibration batch (`batches` of them from batch `first` on), in one
+    onnxruntime session without graph rewrites; a tensor that is a model input is the batch's own feed."""
     import onnxruntime as ort
 
     from graphopt import verify
@@ -1059,8 +1059,8 @@ def tensor_batches(model: onnx.ModelProto, data: CalibrationData, tensors: Seque
     fed = set(data.inputs)
     fetched = [n for n in names if n not in fed]
     sess = verify._session(with_outputs(model, fetched), threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL) if fetched else None
-    for done, feeds in enumerate(data, 1):
-        if batches is not None and done > batches:
+    for done, feeds in enumerate(itertools.islice(data, first, None), first + 1):
+        if batches is not None and done > first + batches:
             return
         try:
             values = dict(zip(fetched, sess.run(fetched, feeds))) if fetched else {}

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt import ir
-from graphopt.analysis.channels import ChannelGroup, channel_groups
+from graphopt.analysis.channels import ChannelGroup, channel_groups, set_shape_entry
 from graphopt.errors import GraphoptError
 from graphopt.pass_manager import Pass, PassContext, PassResult, register_pass
 
@@ -63,17 +63,30 @@ def parse_prune(spec) -> dict[str, float]:
     return dict(items)
 
 
+def _known(dims) -> int:
+    return int(np.prod([d for d in dims if isinstance(d, int)], dtype=np.int64))
+
+
 def _flops(node: gs.Node) -> int:
-    """Multiply-add FLOPs per sample of a Conv/Gemm/MatMul with a constant weight (0 for other
-    nodes): 2 |W| per output position. Per sample, so a symbolic batch does not hide them; the
-    pruning goal is a share, which the batch does not change."""
-    if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+    """Multiply-add FLOPs per sample of a Conv/Gemm/MatMul (with a constant weight, or of two
+    activations, as attention's scores) and of a com.microsoft Attention (0 for other nodes): 2 |W|
+    per output position. Per sample, so a symbolic batch does not hide them; the pruning goal is a
+    share, which the batch does not change. Dims not known as numbers count as 1."""
+    out = node.outputs[0].shape if node.outputs else None
+    if node.op == "Attention" and node.domain == "com.microsoft" and isinstance(node.inputs[1], gs.Constant):
+        sequence = _known(out[1:2]) if out is not None else 1
+        # The projections, then Q K^T and P V: 2 * S * S * F each.
+        return 2 * int(node.inputs[1].values.size) * sequence + 4 * sequence * sequence * node.inputs[1].values.shape[1] // 3
+    if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
         return 0
-    out = node.outputs[0].shape
+    if not isinstance(node.inputs[1], gs.Constant):
+        a = node.inputs[0].shape
+        if node.op != "MatMul" or out is None or a is None or len(out) < 3 or not isinstance(a[-1], int):
+            return 0
+        return 2 * _known(out[1:]) * a[-1]
     positions = 1
     if out is not None:
-        inner = out[2:] if node.op == "Conv" else out[1:-1]
-        positions = int(np.prod([d for d in inner if isinstance(d, int)], dtype=np.int64))
+        positions = _known(out[2:] if node.op == "Conv" else out[1:-1])
     return 2 * int(node.inputs[1].values.size) * positions
 
 
@@ -146,7 +159,7 @@ def _choose(groups: list[ChannelGroup], scores: list[np.ndarray], target_flops: 
     return [np.array(sorted(set(range(group.channels)) - gone), dtype=np.int64) for group, gone in zip(groups, removed)]
 
 
-def _apply(groups: list[ChannelGroup], kept: list[np.ndarray]) -> None:
+def _apply(graph: gs.Graph, groups: list[ChannelGroup], kept: list[np.ndarray], fresh_name) -> None:
     """Slice every constant along the axes the groups index, once per constant and axis."""
     masks: dict[tuple[int, int], tuple[gs.Constant, np.ndarray]] = {}
     shrink: dict[int, tuple[gs.Variable, int, int]] = {}
@@ -162,6 +175,12 @@ def _apply(groups: list[ChannelGroup], kept: list[np.ndarray]) -> None:
             masks[key][1][positions] = False
         for node in group.depthwise:
             node.attrs["group"] = len(keep)
+        for node, attribute in group.head_counts:
+            node.attrs[attribute] = int(len(keep))
+        for node, entry, per_head in group.head_shapes:
+            set_shape_entry(graph, node, entry, len(keep) * per_head, fresh_name)
+        for t in group.reshaped:
+            t.shape = None  # [.., heads, ..] somewhere: inferred again after the pass
         for t, _offset, block, axis in group.tensors:
             previous = shrink.get(id(t), (t, 0, axis))[1]
             shrink[id(t)] = (t, previous + len(dropped) * block, axis)
@@ -186,15 +205,23 @@ def _apply(groups: list[ChannelGroup], kept: list[np.ndarray]) -> None:
 # Calibration activations
 
 
-def _run(proto, data, names: list[str], batches: int) -> dict[str, np.ndarray]:
-    """The named tensors on the first `batches` calibration batches, concatenated along axis 0."""
+def _run(proto, data, names: list[str], batches: int, first: int = 0) -> dict[str, np.ndarray]:
+    """The named tensors on `batches` calibration batches from batch `first` on, concatenated along
+    axis 0; where the batches' shapes differ (sentences of several lengths), as rows of their last
+    axis ([tokens, features]: what a MatMul reader's fit and the output error read)."""
     from graphopt import calibration
 
     collected: dict[str, list[np.ndarray]] = {}
-    for values in calibration.tensor_batches(proto, data, names, batches=batches):
+    for values in calibration.tensor_batches(proto, data, names, batches=batches, first=first):
         for name, value in values.items():
             collected.setdefault(name, []).append(np.asarray(value))
-    return {n: np.concatenate(v, axis=0) for n, v in collected.items()}
+    joined = {}
+    for name, parts in collected.items():
+        if len({p.shape[1:] for p in parts}) == 1:
+            joined[name] = np.concatenate(parts, axis=0)
+        else:
+            joined[name] = np.concatenate([p.reshape(-1, p.shape[-1] if p.ndim else 1) for p in parts], axis=0)
+    return joined
 
 
 def _feature_energy(x: np.ndarray, reader: gs.Node) -> np.ndarray:
@@ -244,11 +271,17 @@ def _reconstruct(reader: gs.Node, x_pruned: np.ndarray, y_original: np.ndarray, 
             picks = rng.choice(len(rows), MAX_ROWS, replace=False)
             rows, target = rows[picks], target[picks]
     a = np.concatenate([rows.astype(np.float64), np.ones((len(rows), 1))], axis=1)
-    gram = a.T @ a
-    gram[np.diag_indices_from(gram)] += RIDGE * np.trace(gram) / len(gram)
-    solution = np.linalg.solve(gram, a.T @ target.astype(np.float64))  # [features + 1, outputs]
-    fitted, bias = solution[:-1], solution[-1]
     values = weight.values
+    gram = a.T @ a
+    # Ridge towards the layer's own (pruned) weights, not towards zero: where the calibration rows
+    # are few for the unknowns (a transformer's 1536 FFN inputs from a few hundred tokens) the plain
+    # fit interpolates the calibration set and wrecks unseen inputs; pulled towards what the layer
+    # had, it changes only what the data pins down.
+    start = np.concatenate([_as_features(reader, values), _current_bias(reader, values.dtype)[None, :]], axis=0)
+    strength = max(RIDGE, len(a[0]) / len(a)) * np.trace(gram) / len(gram)
+    gram[np.diag_indices_from(gram)] += strength
+    solution = np.linalg.solve(gram, a.T @ target.astype(np.float64) + strength * start)  # [features + 1, outputs]
+    fitted, bias = solution[:-1], solution[-1]
     if reader.op == "Conv":
         new_weight = fitted.T.reshape(values.shape)
     elif reader.op == "Gemm" and reader.attrs.get("transB", 0):
@@ -258,6 +291,26 @@ def _reconstruct(reader: gs.Node, x_pruned: np.ndarray, y_original: np.ndarray, 
     weight.values = new_weight.astype(values.dtype)
     _set_bias(reader, bias.astype(values.dtype), graph, ctx)
     return True
+
+
+def _as_features(reader: gs.Node, values: np.ndarray) -> np.ndarray:
+    """A reader's weight as [input features, outputs], the layout of the least-squares fit."""
+    if reader.op == "Conv":
+        return values.reshape(values.shape[0], -1).T.astype(np.float64)
+    if reader.op == "Gemm" and reader.attrs.get("transB", 0):
+        return values.T.astype(np.float64)
+    return values.astype(np.float64)
+
+
+def _current_bias(reader: gs.Node, dtype) -> np.ndarray:
+    """What the fit's target includes besides x @ W: a Conv's or Gemm's own bias (a MatMul's bias
+    Add comes after the output the fit targets)."""
+    outputs = reader.inputs[1].values.shape[0 if reader.op == "Conv" or (reader.op == "Gemm" and reader.attrs.get("transB", 0)) else 1]
+    current = ir.constant_value(reader.inputs[2]) if reader.op in ("Conv", "Gemm") and len(reader.inputs) > 2 and not reader.inputs[2].is_empty() else None
+    if current is None:
+        return np.zeros(outputs)
+    scale = float(reader.attrs.get("beta", 1.0)) if reader.op == "Gemm" else 1.0
+    return np.broadcast_to(np.asarray(current, np.float64).reshape(-1) * scale, (outputs,)).copy()
 
 
 def _set_bias(reader: gs.Node, bias: np.ndarray, graph: gs.Graph, ctx: PassContext) -> None:
@@ -291,7 +344,7 @@ def _prune(graph: gs.Graph, ctx: PassContext, groups: list[ChannelGroup], kept: 
     from graphopt import export
 
     changed = [(g, k) for g, k in zip(groups, kept) if len(k) < g.channels]
-    _apply(groups, kept)
+    _apply(graph, groups, kept, ctx.fresh_name)
     if original is None or not ctx.options.get("prune_reconstruct", True):
         return 0
     before = len(graph.nodes)
@@ -312,7 +365,20 @@ def _prune(graph: gs.Graph, ctx: PassContext, groups: list[ChannelGroup], kept: 
 
 
 def _batches(ctx: PassContext) -> int:
-    return int(ctx.options.get("prune_batches", 16))
+    """Calibration batches the refit reads (the first ones); a quarter of them at least are left
+    for the search to judge on."""
+    wanted = int(ctx.options.get("prune_batches", 16))
+    available = len(ctx.calibration_data)
+    return max(1, min(wanted, available - max(1, available // 4)))
+
+
+def _held_out(ctx: PassContext) -> tuple[int, int]:
+    """(first batch, batches) the sensitivity search measures the output error on: batches the
+    refit never saw, so that a fit that only memorised the calibration set does not look good."""
+    fitted, available = _batches(ctx), len(ctx.calibration_data)
+    if available <= fitted:
+        return 0, available  # one batch: nothing is held out
+    return fitted, min(fitted, available - fitted)
 
 
 def _ranked(score: np.ndarray) -> np.ndarray:
@@ -329,10 +395,11 @@ class _Sensitivity:
     measured on the calibration data: which groups can lose how much."""
 
     def __init__(self, ctx: PassContext, proto, original: dict):
-        """`original`: the unpruned model's tensors on the calibration data, its outputs among them."""
+        """`original`: the unpruned model's tensors on the refit's calibration batches."""
         self.ctx, self.proto, self.original = ctx, proto, original
         self.outputs = [o.name for o in proto.graph.output]
-        self.reference = {o: original[o] for o in self.outputs}
+        self.held_out = _held_out(ctx)
+        self.reference = _run(proto, ctx.calibration_data, self.outputs, self.held_out[1], self.held_out[0])
         self.evaluations = 0
 
     def error(self, removals: dict[str, np.ndarray]) -> float:
@@ -346,7 +413,7 @@ class _Sensitivity:
         chosen = [g for g in groups if g.name in removals]
         kept = [np.setdiff1d(np.arange(g.channels), removals[g.name]) for g in chosen]
         _prune(model.graph, self.ctx, chosen, kept, self.original, model)
-        got = _run(export.to_proto(model), self.ctx.calibration_data, self.outputs, _batches(self.ctx))
+        got = _run(export.to_proto(model), self.ctx.calibration_data, self.outputs, self.held_out[1], self.held_out[0])
         self.evaluations += 1
         num = sum(float(((got[o].astype(np.float64) - self.reference[o]) ** 2).sum()) for o in self.outputs)
         den = sum(float((self.reference[o].astype(np.float64) ** 2).sum()) for o in self.outputs)
@@ -418,8 +485,7 @@ class PruneChannels(Pass):
         proto = None
         if data is not None:
             proto = export.to_proto(ctx.model)
-            # The readers' inputs and outputs (the refit) and the model's outputs (the search's reference), in one run.
-            names = [n.inputs[0].name for n in readers] + [n.outputs[0].name for n in readers] + [o.name for o in proto.graph.output]
+            names = [n.inputs[0].name for n in readers] + [n.outputs[0].name for n in readers]  # the refit's
             original = _run(proto, data, names, _batches(ctx))
         if importance == "activation":
             energy = {n.inputs[0].name: _feature_energy(original[n.inputs[0].name], n) for n in readers}

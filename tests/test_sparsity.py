@@ -211,9 +211,9 @@ def test_a_transformer_ffn_prunes_its_hidden_neurons_through_a_decomposed_gelu()
     _check_dead_channels_go_and_outputs_stay(proto, {"ffn.w1": [16, 16], "ffn.b1": [16], "ffn.w2": [16, 16]})
 
 
-def test_attention_projections_are_refused_at_the_head_reshape():
-    """Q/K/V projections whose outputs split into heads: a Reshape with a fixed shape constant
-    reads them, which the analysis does not rewrite (head pruning is not built yet)."""
+def test_attention_heads_that_reach_a_graph_output_are_refused_with_both_projections():
+    """Q and K projections split into heads whose scores are a graph output: removing a head would
+    change what the model returns, so the head analysis refuses the layer, naming its projections."""
     seq, hidden, heads = 5, 16, 4
     nodes, inits = [], []
     for name in ("q", "k"):
@@ -222,12 +222,12 @@ def test_attention_projections_are_refused_at_the_head_reshape():
                   helper.make_node("Reshape", [f"{name}_proj", "heads_shape"], [f"{name}_heads"], name=f"{name}_reshape"),
                   helper.make_node("Transpose", [f"{name}_heads"], [f"{name}_t"], perm=[0, 2, 1, 3], name=f"{name}_transpose")]
     inits.append(numpy_helper.from_array(np.array([1, seq, heads, hidden // heads], np.int64), "heads_shape"))
-    nodes += [helper.make_node("Transpose", ["k_t"], ["k_tt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q_t", "k_tt"], ["scores"])]
+    nodes += [helper.make_node("Transpose", ["k_t"], ["k_tt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q_t", "k_tt"], ["scores"], name="scores_matmul")]
     graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
                               [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, heads, seq, seq])], inits)
     groups, refused = _groups(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert not groups
-    assert sorted((r.producers, r.node) for r in refused) == [(("k_matmul",), "k_reshape"), (("q_matmul",), "q_reshape")]
+    assert [(sorted(r.producers), r.node, r.reason) for r in refused] == [(["k_matmul", "q_matmul"], "scores_matmul", "attention heads reach a graph output")]
 
 
 def test_a_shared_weight_is_refused():

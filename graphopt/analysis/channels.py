@@ -32,6 +32,10 @@ ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip"
                          "Softplus", "Mish", "Identity", "Dropout", "Neg", "Abs", "Exp", "Sqrt", "Swish"})
 POOLING = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 BINARY = frozenset({"Add", "Mul", "Sub", "Div"})
+# onnxruntime's contrib activations that graphopt's own fusions write (-O3 turns an exported GELU
+# into com.microsoft Gelu): elementwise like ELEMENTWISE.
+MS_ELEMENTWISE = frozenset({"Gelu", "QuickGelu", "FastGelu", "BiasGelu"})
+MS_DOMAIN = "com.microsoft"
 CHANNEL_AXIS = 1  # of what a Conv produces (NCHW); a Gemm/MatMul's channels are its output's last axis
 
 
@@ -56,6 +60,11 @@ class ChannelGroup:
     # Tensors whose channel axis (or Flatten feature axis: block) is the group's: (tensor, offset, block, axis).
     tensors: list[tuple[gs.Variable, int, int, int]] = field(default_factory=list)
     consumers: list[gs.Node] = field(default_factory=list)  # the layers that reduce over the channels
+    # Attention heads (channels = heads, each a block of head_size features):
+    head_counts: list[tuple[gs.Node, str]] = field(default_factory=list)  # attributes that hold the head count
+    head_shapes: list[tuple[gs.Node, int, int]] = field(default_factory=list)  # (Reshape, entry, features per head) of constant targets
+    reshaped: list[gs.Variable] = field(default_factory=list)  # tensors inside attention whose shapes pruning changes
+    head_size: int = 1
 
     @property
     def name(self) -> str:
@@ -160,6 +169,12 @@ class _Walk:
         return len(t.shape) - 1
 
     def read(self, node: gs.Node, t: gs.Tensor, offset: int) -> None:
+        if node.domain == MS_DOMAIN and node.op in MS_ELEMENTWISE and node.inputs[0] is t:
+            # FastGelu's and BiasGelu's second input is a bias added before the activation.
+            if len(node.inputs) > 1 and not node.inputs[1].is_empty() and not self._per_channel(node, 1, t, offset, "passthrough"):
+                raise _Stop(node, f"{node.op} with a bias that is not per channel")
+            self.follow(node.outputs[0], offset, node)
+            return
         if ir.subgraphs_of(node) or node.domain not in ir.DEFAULT_DOMAINS:
             raise _Stop(node, f"{node.op} is not a channel-wise op the analysis knows")
         op = node.op
@@ -275,11 +290,16 @@ class _Walk:
 
 
 def channel_groups(graph: gs.Graph) -> tuple[list[ChannelGroup], list[Refused]]:
-    """The graph's prunable channel groups and the refused ones (main graph only: a pruned
-    subgraph would change what its parent reads)."""
+    """The graph's prunable channel groups, attention heads among them, and the refused ones (main
+    graph only: a pruned subgraph would change what its parent reads)."""
+    heads, head_refusals = attention_head_groups(graph)
+    # Projections split into heads are the head analysis' to group or refuse (with its reason).
+    in_heads = {id(p) for g in heads for p in g.producers} | {id(found[0]) for n in graph.nodes if (found := _head_split(n)) is not None}
     walks: list[_Walk] = []
-    refused: list[Refused] = []
+    refused: list[Refused] = list(head_refusals)
     for node in graph.nodes:
+        if id(node) in in_heads:
+            continue  # a Q/K/V projection: its output features are heads, grouped above
         found = _producer_slices(node)
         if found is None:
             continue
@@ -292,7 +312,14 @@ def channel_groups(graph: gs.Graph) -> tuple[list[ChannelGroup], list[Refused]]:
             walk = None
         if walk is not None:
             walks.append(walk)
-    return _tied(walks, refused)
+    groups, refused = _tied(walks, refused)
+    for group in heads:
+        problem = _shared_constant(group)
+        if problem is not None:
+            refused.append(Refused(tuple(p.name for p in group.producers), *problem))
+        else:
+            groups.append(group)
+    return groups, refused
 
 
 def _tied(walks: list[_Walk], refused: list[Refused]) -> tuple[list[ChannelGroup], list[Refused]]:
@@ -364,3 +391,380 @@ def _shared_constant(group: ChannelGroup) -> tuple[str, str] | None:
             if id(reader) not in members:
                 return reader.name, f"constant {s.constant.name} is shared with a node outside the group"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention heads
+#
+# A head h of multi-head attention is the block of features [h*d, (h+1)*d) of the Q, K and V
+# projections (their weights' output columns and biases) and of the output projection's input
+# rows: removing it from all four removes the head exactly. Two forms are recognized:
+#
+# * com.microsoft Attention (graphopt's own fusion, onnxruntime's transformer optimizer): one
+#   packed [K, 3F] weight and [3F] bias, `num_heads`; its output is read by the O projection.
+# * decomposed attention as torch's exporters write it: projections (MatMul, optional bias Add)
+#   Reshaped to [.., H or -1, d], then Transposes, Reshapes, scalar Mul/Div, the two activation
+#   MatMuls, Softmax over the last axis, the additive mask, dynamo's IsNaN/Where, up to the Reshape
+#   back to [.., F] that the O projection reads. Every node between is walked; anything else, a
+#   Softmax over another axis, a mask that varies per head, a constant Reshape target holding a
+#   multiple of H that is not H or H*d, refuses the layer. Constant targets holding H or H*d are
+#   rewritten; computed ones (Shape/Concat) are read at run time and need nothing.
+
+# Unary ops of decomposed attention that keep every axis where it is.
+_HEAD_UNARY = frozenset({"IsNaN", "Cast", "Identity", "Dropout", "Neg", "Sqrt", "Exp"})
+# Elementwise ops whose other operands may be a mask, a scalar, or another head tensor.
+_HEAD_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Max", "Min", "And", "Or"})
+# What computes a Reshape target from a Shape: the values it carries are run-time sizes.
+_SHAPE_ARITHMETIC = frozenset({"Slice", "Gather", "Concat", "Squeeze", "Unsqueeze", "Cast", "Identity"})
+
+
+def _shape_entries(target: gs.Tensor) -> list[int | None] | None:
+    """A Reshape target's entries: ints where constant, None where computed; None if unreadable."""
+    value = ir.constant_value(target)
+    if value is not None:
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+    node = ir.producer(target)
+    if node is None or node.op != "Concat" or node.domain not in ir.DEFAULT_DOMAINS:
+        return None
+    entries: list[int | None] = []
+    for part in node.inputs:
+        value = ir.constant_value(part)
+        if value is not None:
+            entries += [int(v) for v in np.asarray(value).reshape(-1)]
+        elif part.shape is not None and len(part.shape) == 1 and isinstance(part.shape[0], int):
+            entries += [None] * part.shape[0]
+        else:
+            return None
+    return entries
+
+
+def set_shape_entry(graph: gs.Graph, reshape: gs.Node, entry: int, value: int, fresh_name) -> None:
+    """Reshape target entry `entry` := value, in a fresh constant (the old one may be shared): the
+    target itself, or the constant part of a copy of the Concat that computes it (dynamo shares
+    one Concat among the Reshapes of every layer)."""
+    target = reshape.inputs[1]
+    constant = ir.constant_value(target)
+    if constant is not None:
+        changed = np.array(constant, dtype=np.int64).reshape(-1)
+        changed[entry] = value
+        reshape.inputs[1] = ir.make_constant(fresh_name(f"{reshape.name}_pruned_shape"), changed)
+        return
+    concat = ir.producer(target)
+    start = 0
+    for index, part in enumerate(concat.inputs):
+        length = part.shape[0] if ir.constant_value(part) is None else np.asarray(ir.constant_value(part)).size
+        if start <= entry < start + length:
+            changed = np.array(ir.constant_value(part), dtype=np.int64).reshape(-1)
+            changed[entry - start] = value
+            inputs = list(concat.inputs)
+            inputs[index] = ir.make_constant(fresh_name(f"{concat.name}_pruned_part"), changed)
+            copy = gs.Node("Concat", fresh_name(f"{concat.name}_pruned"), attrs=dict(concat.attrs), inputs=inputs,
+                           outputs=[gs.Variable(fresh_name(f"{target.name}_pruned"), dtype=target.dtype, shape=target.shape)])
+            graph.nodes.insert(graph.nodes.index(concat) + 1, copy)
+            reshape.inputs[1] = copy.outputs[0]
+            return
+        start += length
+
+
+def _projection(split: gs.Node):
+    """(projection node, its bias Add or None, the bias constant or None) of the tensor a
+    Reshape splits, where that tensor is x @ W (+ b) and read by nothing else."""
+    t = split.inputs[0]
+    if len(ir.consumers(t)) != 1:
+        return None
+    node, bias_add, bias = ir.producer(t), None, None
+    if node is not None and node.op == "Add" and node.domain in ir.DEFAULT_DOMAINS and len(node.inputs) == 2:
+        const_index = next((i for i, x in enumerate(node.inputs) if _const(x) is not None), None)
+        if const_index is None:
+            return None
+        bias_add, bias = node, node.inputs[const_index]
+        projected = node.inputs[1 - const_index]
+        if len(ir.consumers(projected)) != 1:
+            return None
+        node = ir.producer(projected)
+    if node is None or node.op not in ("MatMul", "Gemm") or node.domain not in ir.DEFAULT_DOMAINS or _producer_slices(node) is None:
+        return None
+    return node, bias_add, bias
+
+
+class _HeadRegion:
+    """Everything one head split's tensor reaches before the O projection, walked forward."""
+
+    def __init__(self, split: gs.Node, heads: int, head_size: int, graph: gs.Graph):
+        self.heads, self.head_size = heads, head_size
+        self.features = heads * head_size
+        self.nodes: dict[int, gs.Node] = {}
+        self.tensors: dict[int, gs.Variable] = {}
+        self.pairs: list[gs.Node] = []  # nodes of two computed operands: both must be head tensors
+        self.shape_reshapes: list[gs.Node] = []  # Reshapes whose target comes from a head tensor's Shape
+        self.head_shapes: list[tuple[gs.Node, int, int]] = []
+        self.consumer: gs.Node | None = None
+        self.merge: gs.Variable | None = None
+        self.outputs = {id(t) for t in graph.outputs}
+        self.opset = int(getattr(graph, "opset", None) or 13)
+        self.split = split
+        self.stop: _Stop | None = None  # why the walk stopped, if it did
+
+    def walk(self) -> _HeadRegion:
+        self.nodes[id(self.split)] = self.split
+        try:
+            self.head_shapes += self._rewrites(self.split, _shape_entries(self.split.inputs[1]), split=True)
+            self.follow(self.split.outputs[0], self.split)
+        except _Stop as stop:
+            self.stop = stop
+        return self
+
+    def follow(self, t: gs.Tensor, via: gs.Node) -> None:
+        if id(t) in self.outputs:
+            raise _Stop(via, "attention heads reach a graph output")
+        if id(t) in self.tensors:
+            return
+        self.tensors[id(t)] = t
+        for reader in ir.consumers(t):
+            self.read(reader, t)
+
+    def read(self, node: gs.Node, t: gs.Tensor) -> None:
+        if id(node) in self.nodes:
+            return
+        self.nodes[id(node)] = node
+        if ir.subgraphs_of(node) or node.domain not in ir.DEFAULT_DOMAINS:
+            raise _Stop(node, f"{node.op} inside attention is not an op the head analysis knows")
+        op = node.op
+        if op == "Shape":
+            self._shape_use(node.outputs[0], node)
+        elif op == "Reshape" and node.inputs[0] is t:
+            self.reshape(node, t)
+        elif op == "Transpose" or op in _HEAD_UNARY:
+            self.follow(node.outputs[0], node)
+        elif op == "Softmax":
+            rank = len(t.shape) if t.shape is not None else None
+            axis = int(node.attrs.get("axis", -1 if self.opset >= 13 else 1))
+            if rank is None or axis % rank != rank - 1:
+                raise _Stop(node, "Softmax over an axis other than the keys")
+            self.follow(node.outputs[0], node)
+        elif op == "MatMul" and all(_const(i) is None and ir.constant_value(i) is None for i in node.inputs):
+            self.pairs.append(node)
+            self.follow(node.outputs[0], node)
+        elif op in _HEAD_ELEMENTWISE:
+            for other in node.inputs:
+                if other is t or other.is_empty():
+                    continue
+                value = ir.constant_value(other)
+                if value is not None:
+                    if self.heads > 1 and self.heads in np.shape(value):
+                        raise _Stop(node, f"{op} inside attention with a constant that may vary per head")
+                elif other.shape is None or any(d == self.heads for d in other.shape if isinstance(d, int)) and self.heads > 1:
+                    self.pairs.append(node)  # a head tensor itself, or a mask that may vary per head
+            self.follow(node.outputs[0], node)
+        else:
+            raise _Stop(node, f"{op} inside attention is not an op the head analysis knows")
+
+    def reshape(self, node: gs.Node, t: gs.Tensor) -> None:
+        entries = _shape_entries(node.inputs[1])
+        if entries is None:
+            raise _Stop(node, "Reshape inside attention with a target the head analysis cannot read")
+        out = node.outputs[0]
+        readers = ir.consumers(out)
+        reads_features = len(readers) == 1 and readers[0].op in ("MatMul", "Gemm") and readers[0].inputs[0] is out and _gemm_weight(readers[0]) is not None
+        if reads_features:
+            w, in_axis, _ = _gemm_weight(readers[0])
+            shape = t.shape
+            known = [] if shape is None or len(shape) < 2 else [(shape[-1], self.head_size), (shape[-2], self.heads)]
+            if w.values.shape[in_axis] != self.features or any(isinstance(got, int) and got != want for got, want in known):
+                raise _Stop(node, "the merged heads are not [.., heads, head_size] features of the O projection")
+            if self.consumer is not None and self.consumer is not readers[0]:
+                raise _Stop(node, "attention heads reach two output projections")
+            self.head_shapes += self._rewrites(node, entries, split=False)
+            self.consumer, self.merge = readers[0], out
+            if id(out) in self.outputs:
+                raise _Stop(node, "attention heads reach a graph output")
+            return
+        self.head_shapes += self._rewrites(node, entries, split=False)
+        self.follow(out, node)
+
+    def _rewrites(self, node: gs.Node, entries: list[int | None] | None, split: bool) -> list[tuple[gs.Node, int, int]]:
+        """(node, entry, features per head) for each constant target entry that counts heads."""
+        if entries is None:
+            raise _Stop(node, "head split with a target the head analysis cannot read")
+        constant = ir.constant_value(node.inputs[1]) is not None
+        found = []
+        for i, v in enumerate(entries):
+            if v is None or v in (-1, 0) or (v == self.head_size and not (split and i == len(entries) - 2)):
+                if v == self.head_size == self.heads and not split:
+                    raise _Stop(node, f"Reshape target entry {v} inside attention is both the head count and the head size")
+                continue
+            if v == self.heads:
+                per_head = 1
+            elif v == self.features:
+                per_head = self.head_size
+            elif v % self.heads:
+                continue  # a batch or sequence size
+            else:
+                raise _Stop(node, f"Reshape target entry {v} inside attention may count heads ({self.heads}) and cannot be proven not to")
+            found.append((node, i, per_head))
+        return found
+
+    def _shape_use(self, t: gs.Tensor, via: gs.Node) -> None:
+        """A head tensor's Shape may only size Reshapes of head tensors (checked once all is walked)."""
+        for reader in ir.consumers(t):
+            if reader.op in _SHAPE_ARITHMETIC and reader.domain in ir.DEFAULT_DOMAINS:
+                self._shape_use(reader.outputs[0], reader)
+            elif reader.op == "Reshape" and reader.inputs[1] is t:
+                self.shape_reshapes.append(reader)
+            else:
+                raise _Stop(reader, "a head tensor's shape is used outside the attention")
+
+
+def _head_split(node: gs.Node):
+    """(projection, bias Add, bias, heads, head_size) where a Reshape splits a projection's
+    features into [.., heads, head_size]; None otherwise."""
+    if node.op != "Reshape" or node.domain not in ir.DEFAULT_DOMAINS:
+        return None
+    found = _projection(node)
+    if found is None:
+        return None
+    x = node.inputs[0]
+    entries = _shape_entries(node.inputs[1])
+    if x.shape is None or entries is None or len(entries) != len(x.shape) + 1:
+        return None
+    features = _producer_slices(found[0])[0]
+    head_size = entries[-1]
+    if head_size is None or head_size <= 1 or features % head_size or entries[-2] not in (-1, features // head_size):
+        return None
+    if found[2] is not None and found[2].values.shape != (features,):
+        return None
+    return (*found, features // head_size, head_size)
+
+
+def attention_head_groups(graph: gs.Graph) -> tuple[list[ChannelGroup], list[Refused]]:
+    """Head groups of every attention layer the analysis can prove, and the refused layers."""
+    groups: list[ChannelGroup] = []
+    refused: list[Refused] = []
+    for node in graph.nodes:
+        if node.domain == MS_DOMAIN and node.op == "Attention":
+            try:
+                groups.append(_fused_attention(node, graph))
+            except _Stop as stop:
+                refused.append(Refused((node.name,), stop.node.name if stop.node is not None else node.name, stop.reason))
+    splits = [(n, found) for n in graph.nodes if (found := _head_split(n)) is not None]
+    regions = []
+    for split, (_, _, _, heads, head_size) in splits:
+        regions.append((split, _HeadRegion(split, heads, head_size, graph).walk()))
+    # Q, K and V of one layer meet in the same nodes (the two activation MatMuls): one group.
+    parent = list(range(len(regions)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[int, int] = {}
+    for i, (_, region) in enumerate(regions):
+        for key in region.nodes:
+            if key in owner:
+                parent[root(i)] = root(owner[key])
+            owner.setdefault(key, i)
+    members: dict[int, list[int]] = {}
+    for i in range(len(regions)):
+        members.setdefault(root(i), []).append(i)
+    found = {id(s): f for s, f in splits}
+    for indices in members.values():
+        parts = [regions[i] for i in indices]
+        names = tuple(found[id(s)][0].name for s, _ in parts)
+        try:
+            groups.append(_decomposed_attention(parts, found, graph))
+        except _Stop as stop:
+            refused.append(Refused(names, stop.node.name if stop.node is not None else names[0], stop.reason))
+    return groups, refused
+
+
+def _decomposed_attention(parts, found: dict, graph: gs.Graph) -> ChannelGroup:
+    stops = [r.stop for _, r in parts if r.stop is not None]
+    if stops:
+        raise stops[0]
+    regions = [r for _, r in parts]
+    first = regions[0]
+    if len(regions) < 3:
+        raise _Stop(parts[0][0], "a head split that does not meet a Q, K and V of one attention")
+    if any((r.heads, r.head_size) != (first.heads, first.head_size) for r in regions):
+        raise _Stop(parts[0][0], "Q, K and V split into different heads")
+    consumers = {id(r.consumer): r.consumer for r in regions if r.consumer is not None}
+    if len(consumers) != 1:
+        raise _Stop(parts[0][0], "attention heads that do not reach exactly one output projection")
+    tensors = {k: t for r in regions for k, t in r.tensors.items()}
+    nodes = {k: n for r in regions for k, n in r.nodes.items()}
+    for r in regions:
+        for node in r.pairs:
+            outside = [i for i in node.inputs if not i.is_empty() and ir.constant_value(i) is None and id(i) not in tensors]
+            if node.op == "MatMul" and outside or any(i.shape is None for i in outside):
+                raise _Stop(node, f"{node.op} of a head tensor and a tensor that is not proven to broadcast over the heads")
+            for i in outside:
+                if first.heads > 1 and any(d == first.heads for d in i.shape if isinstance(d, int)):
+                    raise _Stop(node, f"{node.op} with {i.name}, which may vary per head")
+        for node in r.shape_reshapes:
+            if id(node) not in nodes:
+                raise _Stop(node, "a head tensor's shape sizes a Reshape outside the attention")
+    consumer = next(iter(consumers.values()))
+    d = first.head_size
+    group = ChannelGroup(first.heads, head_size=d)
+    for split, _ in parts:
+        projection, bias_add, bias, _, _ = found[id(split)]
+        _, slices = _producer_slices(projection)
+        group.producers.append(projection)
+        group.slices += [Slice(s.node, s.constant, s.axis, 0, d, s.role) for s in slices]
+        if bias is not None:
+            group.slices.append(Slice(bias_add, bias, 0, 0, d, "producer"))
+            group.tensors.append((bias_add.outputs[0], 0, d, len(bias_add.outputs[0].shape) - 1) if bias_add.outputs[0].shape else None)
+        group.tensors.append((projection.outputs[0], 0, d, len(projection.outputs[0].shape) - 1) if projection.outputs[0].shape else None)
+    w, in_axis, _ = _gemm_weight(consumer)
+    group.slices.append(Slice(consumer, w, in_axis, 0, d, "consumer"))
+    group.consumers.append(consumer)
+    merges = {id(r.merge): r.merge for r in regions if r.merge is not None}
+    for merge in merges.values():
+        group.tensors.append((merge, 0, d, len(merge.shape) - 1) if merge.shape else None)
+    group.tensors = [t for t in group.tensors if t is not None]
+    listed = {id(t[0]) for t in group.tensors}
+    group.reshaped = [t for k, t in tensors.items() if k not in listed]
+    group.head_shapes = list({(id(n), i): (n, i, p) for r in regions for n, i, p in r.head_shapes}.values())
+    return group
+
+
+def _fused_attention(node: gs.Node, graph: gs.Graph) -> ChannelGroup:
+    """The heads of a com.microsoft Attention: its packed Q|K|V weight and bias, its num_heads,
+    and the O projection that reads its output."""
+    weight = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or weight.values.ndim != 2 or weight.values.shape[1] % 3:
+        raise _Stop(node, "Attention without a constant packed Q|K|V weight")
+    features = weight.values.shape[1] // 3
+    heads = int(node.attrs.get("num_heads", 0))
+    sizes = node.attrs.get("qkv_hidden_sizes")
+    if sizes is not None and len(set(int(s) for s in sizes)) != 1:
+        raise _Stop(node, "Attention with different Q, K and V sizes")
+    if heads < 1 or features % heads:
+        raise _Stop(node, "Attention whose num_heads does not divide its features")
+    if len(node.inputs) > 4 and not node.inputs[4].is_empty():
+        raise _Stop(node, "Attention with a past state")
+    if any(ir.consumers(o) or id(o) in {id(t) for t in graph.outputs} for o in node.outputs[1:]):
+        raise _Stop(node, "Attention whose present state is read")
+    out = node.outputs[0]
+    if id(out) in {id(t) for t in graph.outputs}:
+        raise _Stop(node, "attention heads reach a graph output")
+    readers = ir.consumers(out)
+    found = _gemm_weight(readers[0]) if len(readers) == 1 and readers[0].op in ("MatMul", "Gemm") and readers[0].inputs[0] is out else None
+    if found is None or found[0].values.shape[found[1]] != features:
+        raise _Stop(readers[0] if readers else node, "Attention output not read by one output projection with a constant weight")
+    d = features // heads
+    group = ChannelGroup(heads, producers=[node], head_size=d, head_counts=[(node, "num_heads")])
+    group.slices += [Slice(node, weight, 1, part * features, d, "producer") for part in range(3)]
+    bias = _const(node.inputs[2]) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        if bias is None or bias.values.shape != (3 * features,):
+            raise _Stop(node, "Attention with a computed bias")
+        group.slices += [Slice(node, bias, 0, part * features, d, "producer") for part in range(3)]
+    w, in_axis, _ = found
+    group.slices.append(Slice(readers[0], w, in_axis, 0, d, "consumer"))
+    group.consumers.append(readers[0])
+    if out.shape is not None:
+        group.tensors.append((out, 0, d, len(out.shape) - 1))
+    return group
