@@ -128,7 +128,7 @@ class Budget:
         if not self.meets(m):
             value = self.value_of(m)
             shown = "none" if value is None else f"{value:.5g}"
-            raise VerificationError(f"quantized model moved too far: {BUDGET_KINDS.get(self.kind, self.metric_name)} is {shown}, "
+            raise VerificationError(f"lossy model moved too far: {BUDGET_KINDS.get(self.kind, self.metric_name)} is {shown}, "
                                     f"outside the budget {self}{consequence}")
         return m
 

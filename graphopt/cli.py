@@ -287,8 +287,11 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
     if (quantize or reduces) and verify and not inputs_path and calibration_data is not None and calibration_data.representative:
         # A quantized model is judged on data like what it was calibrated on: generated inputs lie
         # outside every calibrated range and would measure clipping, not quantization.
-        inputs = next(iter(calibration_data))
-        input_record = {"source": f"the first calibration batch of {calibration_data.source}"}
+        # The last batch: the one the pruning refit and the quantizer's held-out evaluation leave
+        # out, so that a fit that memorised its samples does not pass the check on them.
+        inputs = next(iter(calibration_data.tail(1)))
+        held = "" if len(calibration_data) > 1 else " (the only one: the check sees data the passes fitted)"
+        input_record = {"source": f"the last calibration batch of {calibration_data.source}{held}"}
     elif verify or verify_each:
         # From the proto in memory: reading the file again would load every weight twice.
         inputs, original_outputs, input_record = _verification_inputs(reference, proto, inputs_path, feedback)
@@ -570,7 +573,9 @@ def _print_pruning(p: dict | None) -> None:
     pruned = [g for g in p.get("groups", []) if g["kept"] < g["channels"]]
     if "flops_after" in p:
         before, after = p["flops_before"], p["flops_after"]
-        console.print(f"pruned {sum(g['channels'] - g['kept'] for g in pruned)} channels in {len(pruned)} of {len(p['groups'])} channel groups: "
+        heads = sum(g["channels"] - g["kept"] for g in pruned if g.get("head_size", 1) > 1)
+        channels = sum(g["channels"] - g["kept"] for g in pruned if g.get("head_size", 1) == 1)
+        console.print(f"pruned {channels} channels" + (f" and {heads} attention heads" if heads else "") + f" in {len(pruned)} of {len(p['groups'])} channel groups: "
                       f"weight FLOPs per sample {before:,} -> {after:,} ({after / before - 1:+.1%}); "
                       f"{p['refitted']} readers refit on the calibration data" + (f", {p['evaluations']} sensitivity evaluations" if p.get("evaluations") else ""),
                       highlight=False)

