@@ -190,6 +190,9 @@ def _load_target_files(paths) -> None:
               help="Remove whole Conv/Gemm channels until the FLOPs fall by FRACTION (lossy): with --calibration, per-layer ratios from a measured sensitivity search and the next layers refit by least squares; before any --quantize.")
 @click.option("--lowrank", "lowrank_tolerance", type=float, metavar="TOLERANCE",
               help="Split constant-weight MatMul/Gemm into two of low rank where the cost model says it pays, each within TOLERANCE relative output error (lossy; activation-weighted with --calibration).")
+@click.option("--sparsity", "sparsity_spec", metavar="N:M",
+              help="Zero all but the N largest of every M weights along each Conv/Gemm/MatMul reduction (2:4, 4:8; lossy), where the target's sparse tensor cores make it pay (cuda, fp16/int8); marked in the model's metadata.")
+@click.option("--sparsity-force", is_flag=True, help="Apply --sparsity also where the cost model expects no speedup (any CPU target).")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each changing pass into this folder.")
 @click.option("--fold-input-defaults", is_flag=True, help="Treat initializers that are also graph inputs as constants (they are overridable defaults).")
 @click.option("--fold-size-limit", type=int, default=None, help="Largest folded constant in bytes (default 1 MiB).")
@@ -197,7 +200,7 @@ def _load_target_files(paths) -> None:
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
 def run(model, target, target_files, opt_level, output, artifact_format, backend, tuning_db, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
-        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, smooth, prune_spec, lowrank_tolerance, dump_ir,
+        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, smooth, prune_spec, lowrank_tolerance, sparsity_spec, sparsity_force, dump_ir,
         fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
@@ -265,7 +268,13 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
     # computes the same on inputs of its shapes), else an in-memory copy.
     reference = path if path is not None else _copy(proto)
     calibration_data = budget = None
-    reduces = bool(prune_spec) or lowrank_tolerance is not None  # lossy, like --quantize: judged by the budget
+    reduces = bool(prune_spec) or lowrank_tolerance is not None or bool(sparsity_spec)  # lossy, like --quantize: judged by the budget
+    if sparsity_spec:
+        from graphopt.passes.nm_sparsity import parse_sparsity
+
+        parse_sparsity(sparsity_spec)
+    elif sparsity_force:
+        raise GraphoptError("--sparsity-force goes with --sparsity N:M")
     if prune_spec:
         from graphopt.passes.sparsity import parse_prune
 
@@ -279,7 +288,7 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
         if quantize == "int8" or calibration_source:
             calibration_data = _calibration_data(calibration_source, proto, feedback)
     elif calibration_source:
-        raise GraphoptError("--calibration is for --quantize, --prune or --lowrank; add --quantize int8 (or --prune flops=F, --lowrank TOL)")
+        raise GraphoptError("--calibration is for --quantize, --prune, --lowrank or --sparsity; add --quantize int8 (or --prune flops=F, --lowrank TOL, --sparsity 2:4)")
     elif ray_address:
         raise GraphoptError("--ray runs the accuracy search of --quantize; add --quantize")
     inputs = original_outputs = None
@@ -306,6 +315,8 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
         options["prune"] = prune_spec
     if lowrank_tolerance is not None:
         options["lowrank_tolerance"] = lowrank_tolerance
+    if sparsity_spec:
+        options.update(sparsity=sparsity_spec, sparsity_force=sparsity_force)
     from graphopt import executor as executors
 
     with executors.create(ray_address) as executor, feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):
@@ -562,6 +573,7 @@ def _print_report(report, verbose: bool = False) -> None:
     for name, reason in report.rollbacks:
         err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)
     _print_pruning(report.pruning)
+    _print_sparsity(report.sparsity)
     if report.fidelity is not None:
         _print_fidelity(report.fidelity, report.verification_inputs)
     _print_backend(report.backend)
@@ -586,6 +598,24 @@ def _print_pruning(p: dict | None) -> None:
         first = refused[0]
         console.print(f"{len(refused)} channel groups left whole (e.g. {escape(first['producers'][0])}: {escape(first['reason'])} at {escape(first['node'])})",
                       highlight=False)
+
+
+def _print_sparsity(s: dict | None) -> None:
+    if not s:
+        return
+    if not s.get("applied"):
+        console.print(f"{s['pattern']} sparsity not applied: {escape(s.get('reason', ''))}"
+                      + ("" if s["forced"] else " (--sparsity-force applies it anyway)"), highlight=False)
+        return
+    layers = s["layers"]
+    errors = [entry["activation_error"] if entry["activation_error"] is not None else entry["weight_error"] for entry in layers]
+    timed = [entry for entry in layers if entry["predicted_before_s"] and entry["predicted_after_s"]]
+    before, after = sum(e["predicted_before_s"] for e in timed), sum(e["predicted_after_s"] for e in timed)
+    speed = (f"predicted {before / after:.2f}x on those layers ({escape(s['target'])})" if s["expected_speedup"]
+             else f"applied as --sparsity-force asks, though {escape(s['reason'])}")
+    weighted = "activation-weighted" if layers[0]["activation_error"] is not None else "weight"
+    console.print(f"{s['pattern']} sparsity in {s['applied']} of {s['considered']} layers ({s['zeros'] / s['weights']:.0%} of their weights zero); "
+                  f"{speed}; {weighted} error per layer {min(errors):.1%}-{max(errors):.1%}", highlight=False)
 
 
 def _print_backend(b: dict | None) -> None:

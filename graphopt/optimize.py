@@ -47,6 +47,7 @@ class Report:
     # budget, per-layer sensitivity and SQNR, the layers kept float and why.
     quantization: dict | None = None
     pruning: dict | None = None  # what prune-channels did: groups, kept channels, refused groups, FLOPs
+    sparsity: dict | None = None  # what nm-sparsity did: the pattern, each layer's decision and error
     # What a code-generating backend built (targets/backends/tvm.py): its manifest, the build's
     # seconds and the library's measured time against onnxruntime's where it was measured.
     backend: dict | None = None
@@ -86,12 +87,17 @@ class Report:
             "notes": self.notes,
             "quantization": self.quantization,
             "pruning": self.pruning,
+            "sparsity": self.sparsity,
         }
 
 
 # --quantize KIND -> the pass that does it.
 QUANTIZE_PASSES = {"int8": "quantize-int8", "int8-dynamic": "quantize-int8-dynamic", "int4": "quantize-int4",
                    "fp16": "convert-fp16", "bf16": "convert-bf16"}
+
+
+# --quantize KIND -> the dtype its Conv/MatMul layers compute in, for the cost model.
+COMPUTE_DTYPES = {"int8": "int8", "int8-dynamic": "int8", "fp16": "fp16", "bf16": "bf16"}
 
 
 # Quantizations whose per-tensor activation scales smoothing helps (passes/quantize/smooth.py).
@@ -218,6 +224,9 @@ def optimize_model(
         raise GraphoptError("--verify-each needs the original model to compare against")
     model = loading.from_proto(proto, fold_input_defaults=fold_input_defaults)
     ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}), calibration_data=calibration_data)
+    if quantize in COMPUTE_DTYPES:
+        # N:M sparsity pays in the dtype the layers will compute in, which quantization sets later.
+        ctx.options.setdefault("sparsity_dtype", COMPUTE_DTYPES[quantize])
     ctx.analysis("shapes")
     ir.check_shapes(model)
     before = model_stats(model, ctx.options.get("symbolic_dims"))
@@ -278,6 +287,7 @@ def optimize_model(
     report.notes = notes
     report.quantization = searched.to_dict() if searched is not None else None
     report.pruning = ctx.options.get("_pruning")
+    report.sparsity = ctx.options.get("_sparsity")
     if predicted_before is not None and predicted_after is not None:
         cost = ctx.cost
         report.predicted = {
@@ -294,9 +304,11 @@ def optimize_model(
 
 def _reductions(options: dict, ran: set[str]) -> Sequential | None:
     """The lossy passes that remove work, as the options ask for them: channel pruning
-    (options["prune"]), then low-rank splits (options["lowrank_tolerance"]), then dce; none that
-    the pipeline (a --passes list) ran already."""
-    names = (["prune-channels"] if options.get("prune") else []) + (["lowrank-split"] if options.get("lowrank_tolerance") is not None else [])
+    (options["prune"]), then low-rank splits (options["lowrank_tolerance"]), then N:M sparsity
+    (options["sparsity"]: of the layers the other two left), then dce; none that the pipeline (a
+    --passes list) ran already."""
+    names = ((["prune-channels"] if options.get("prune") else []) + (["lowrank-split"] if options.get("lowrank_tolerance") is not None else [])
+             + (["nm-sparsity"] if options.get("sparsity") else []))
     names = [n for n in names if n not in ran]
     if not names:
         return None

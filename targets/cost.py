@@ -72,6 +72,10 @@ _CLASS_OF_OP = {
     **dict.fromkeys(("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Dropout", "Shape", "Size"), "view"),
 }
 VIEW_CLASS = "view"
+_ELEMENT_BYTES = {"fp64": 8, "fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+# What NVIDIA's sparse tensor cores (Ampere and later) execute: 2 nonzeros in every 4 weights
+# along the reduction; a variant's "sparse_<dtype>" peak is their rate.
+SPARSE_TENSOR_CORE_PATTERN = (2, 4)
 _INTEGER_OPS = frozenset({"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
                           "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLSTM"})
 
@@ -419,11 +423,16 @@ class CostModel:
             share *= self.threads / self._calibration_threads
         return full * min(1.0, share)
 
-    def estimate(self, node: gs.Node, symbolic_dims: SymbolicDims = None) -> NodeEstimate:
+    def estimate(self, node: gs.Node, symbolic_dims: SymbolicDims = None, *, dtype: str | None = None) -> NodeEstimate:
+        """`dtype` prices the node as if it computed in that dtype (a later --quantize's, say): its
+        bytes moved scale by the ratio of the element sizes too."""
         cls = op_class(node)
-        dtype = compute_dtype(node)
+        native = compute_dtype(node)
+        dtype = dtype or native
         cost = node_cost(node, symbolic_dims)
         moved = 0 if cls == VIEW_CLASS else cost.bytes_read + cost.bytes_written
+        if dtype != native and dtype in _ELEMENT_BYTES and native in _ELEMENT_BYTES:
+            moved = moved * _ELEMENT_BYTES[dtype] // _ELEMENT_BYTES[native]
         k, n = gemm_dims(node) if cls in GEMM_CLASSES else (0, 0)
         compute_s, memory_s, overhead_s, seconds = self.times(op_key(node), cls, dtype, cost.flops, moved, k, n)
         roofline_s = max(cost.flops / self.peak(dtype), moved / (self.hardware.memory_bandwidth_gbs * 1e9))
@@ -462,6 +471,33 @@ class CostModel:
         if new < old:
             return Verdict(True, old, new, f"predicted {_us(old)} -> {_us(new)} ({where})")
         return Verdict(False, old, new, f"predicted {_us(old)} -> {_us(new)}: no faster ({where})")
+
+    def sparse_compare(self, node: gs.Node, pattern: tuple[int, int], symbolic_dims: SymbolicDims = None, *,
+                       dtype: str | None = None) -> Verdict:
+        """Whether `node` with N:M sparse weights (`pattern`, N kept in every M along the reduction)
+        runs faster than dense: only where the variant has a "sparse_<dtype>" peak (sparse tensor
+        cores) and the pattern is the one they execute; the compute term runs at that peak, the
+        memory term is left as dense (conservative: the compressed weights and their index
+        metadata move a little over N/M of the bytes, activations as many as before)."""
+        dense = self.estimate(node, symbolic_dims, dtype=dtype)
+        sparse_dtype = f"sparse_{dense.dtype}"
+        shown = f"{pattern[0]}:{pattern[1]}"
+        if sparse_dtype not in self.hardware.peak_gflops:
+            why = ("no sparse tensor cores" if not any(k.startswith("sparse_") for k in self.hardware.peak_gflops)
+                   else f"sparse tensor cores, but not for {dense.dtype} (quantize to "
+                        f"{' or '.join(k[len('sparse_'):] for k in self.hardware.peak_gflops if k.startswith('sparse_'))})")
+            return Verdict(False, dense.seconds, dense.seconds, f"{self.target.full_name} has {why}: no speedup expected from {shown} weights")
+        if tuple(pattern) != SPARSE_TENSOR_CORE_PATTERN:
+            return Verdict(False, dense.seconds, dense.seconds,
+                           f"sparse tensor cores execute 2:4, not {shown}: no speedup expected on {self.target.full_name}")
+        if not dense.known:
+            return Verdict(False, dense.seconds, dense.seconds, "shapes not known, so no speedup can be predicted (bind symbolic dims with --dim NAME=SIZE)")
+        compute_s, memory_s, overhead_s, seconds = self.times(dense.op, dense.op_class, sparse_dtype, dense.flops, dense.bytes, dense.gemm_k, dense.gemm_n)
+        where = f"{self.target.full_name}, {sparse_dtype} at {self.hardware.peak(sparse_dtype) / 1000:g} TFLOP/s"
+        if seconds < dense.seconds:
+            return Verdict(True, dense.seconds, seconds, f"predicted {_us(dense.seconds)} -> {_us(seconds)} ({where})")
+        bound = "memory-bound" if dense.memory_s >= dense.compute_s else "bound by its fixed cost"
+        return Verdict(False, dense.seconds, seconds, f"{bound}: predicted {_us(dense.seconds)} either way ({where})")
 
     def runtime_fusion(self, nodes: Sequence[gs.Node]):
         """The target's runtime fusion (targets/data/*.toml, runtime_fusions) these nodes are, if any."""
