@@ -1076,3 +1076,28 @@ def fake_quantized(x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.nda
     levels = np.iinfo(np.asarray(zero).dtype)
     s, z = float(scale), float(zero)
     return (np.clip(np.round(x / s) + z, levels.min, levels.max) - z) * s
+
+
+def conv_patches(x: np.ndarray, node, rng: np.random.Generator, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D Conv's input `x` [N, C, H, W] as rows of its receptive fields ([rows, C*kh*kw], the
+    layout of the weight's rows), at most `max_rows` of them sampled without replacement, and the
+    output positions they were taken at (flat indices into [N, H_out, W_out]). What a layer's
+    refit and its data-aware low-rank split see of its input; written here because onnxruntime
+    has no im2col op and numpy's sliding_window_view does not take strides, pads and dilations
+    at once without a copy per batch."""
+    n, c, h, w = x.shape
+    weight = node.inputs[1].values
+    kh, kw = weight.shape[2:]
+    top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
+    sh, sw = node.attrs.get("strides", [1, 1])
+    dh, dw = node.attrs.get("dilations", [1, 1])
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    picks = rng.choice(n * out_h * out_w, size=min(max_rows, n * out_h * out_w), replace=False)
+    b, rest = np.divmod(picks, out_h * out_w)
+    oy, ox = np.divmod(rest, out_w)
+    ys = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [rows, kh]
+    xs = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [rows, kw]
+    patches = padded[b[:, None, None, None], np.arange(c)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
+    return patches.reshape(len(picks), -1), picks

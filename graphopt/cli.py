@@ -186,8 +186,8 @@ def _load_target_files(paths) -> None:
 @click.option("--ray", "ray_address", metavar="ADDRESS", help="Run the accuracy search's evaluations on Ray: a cluster address, auto (a running cluster) or local (start one here).")
 @click.option("--smooth/--no-smooth", default=True, show_default=True,
               help="With --quantize int8|int8-dynamic and calibration data: move outlier activation channels into the weights (SmoothQuant-style) where that measures a smaller error.")
-@click.option("--prune", "prune_spec", metavar="flops=FRACTION",
-              help="Remove whole Conv/Gemm channels until the FLOPs fall by FRACTION (lossy): with --calibration, per-layer ratios from a measured sensitivity search and the next layers refit by least squares; before any --quantize.")
+@click.option("--prune", "prune_spec", metavar="flops=FRACTION|budget",
+              help="Remove whole Conv/Gemm channels and attention heads until the FLOPs fall by FRACTION, or (budget) as far as --accuracy-budget allows on held-out calibration batches (lossy): with --calibration, per-layer ratios from a measured sensitivity search and the next layers refit by least squares; before any --quantize.")
 @click.option("--lowrank", "lowrank_tolerance", type=float, metavar="TOLERANCE",
               help="Split constant-weight MatMul/Gemm into two of low rank where the cost model says it pays, each within TOLERANCE relative output error (lossy; activation-weighted with --calibration).")
 @click.option("--sparsity", "sparsity_spec", metavar="N:M",
@@ -591,8 +591,16 @@ def _print_pruning(p: dict | None) -> None:
                       f"weight FLOPs per sample {before:,} -> {after:,} ({after / before - 1:+.1%}); "
                       f"{p['refitted']} readers refit on the calibration data" + (f", {p['evaluations']} sensitivity evaluations" if p.get("evaluations") else ""),
                       highlight=False)
+    elif "budget" in p:
+        worst = p["budget_probes"][-1] if p.get("budget_probes") else {}
+        console.print(f"pruning within the budget {p['budget']}: even the smallest cut it tried missed it "
+                      f"(min cosine {worst.get('min_cosine')}); nothing pruned", highlight=False)
     else:
         console.print("pruning found no channel group it could remove channels from", highlight=False)
+    if p.get("budget_met"):
+        m = p["budget_measures"]
+        console.print(f"the most FLOPs within the budget {p['budget']} after {len(p['budget_probes'])} probes on held-out calibration batches: "
+                      f"min cosine {m['min_cosine']}, top-1 changed {m['top1_disagreement']:.1%}", highlight=False)
     refused = p.get("refused", [])
     if refused:
         first = refused[0]

@@ -224,6 +224,8 @@ def optimize_model(
         raise GraphoptError("--verify-each needs the original model to compare against")
     model = loading.from_proto(proto, fold_input_defaults=fold_input_defaults)
     ctx = PassContext(model=model, target=tgt, opt_level=opt_level, options=dict(options or {}), calibration_data=calibration_data)
+    if accuracy_budget is not None and str(ctx.options.get("prune", "")).strip() == "budget":
+        ctx.options.setdefault("accuracy_budget", accuracy_budget)  # what --prune budget prunes to
     if quantize in COMPUTE_DTYPES:
         # N:M sparsity pays in the dtype the layers will compute in, which quantization sets later.
         ctx.options.setdefault("sparsity_dtype", COMPUTE_DTYPES[quantize])

@@ -1,8 +1,13 @@
-"""Low-rank splits: a MatMul or Gemm by a constant weight W (K x N) becomes two products of rank r,
+"""Low-rank splits: a MatMul, Gemm or Conv by a constant weight W (K x N) becomes two products of rank r,
 x @ A (K x r) @ B (r x N), where that removes work.
 
     MatMul(x, W)                  -> MatMul(MatMul(x, A), B)
     Gemm(x, W, C, alpha, beta, transB)  -> Gemm(MatMul(x, A), B, C, alpha=1, beta, transB=0)
+
+A 2-D Conv (group 1) by a constant weight W [O, C, kh, kw] is the same product on its input's
+receptive fields (im2col rows of C kh kw values, the weight as M = W.reshape(O, -1)^T, K = C kh kw
+and N = O): it becomes a kh x kw Conv with r outputs (A^T as [r, C, kh, kw], the original's pads,
+strides and dilations) followed by a 1 x 1 Conv from r to O (B^T as [O, r, 1, 1], with the bias).
 
 Both variants keep the same form, A = W V_r and B = V_r^T with V_r orthonormal (r x N rows of
 B), so that A B = W V_r V_r^T is W projected onto r directions of its output space:
@@ -11,7 +16,7 @@ B), so that A B = W V_r V_r^T is W projected onto r directions of its output spa
   minimises ||W - A B||_F;
 - data-aware (`ctx.calibration_data`): V_r are those of L^T W, where S = X^T X / n = L L^T is
   the second moment of the layer's input over the calibration data (leading axes flattened to
-  rows). That minimises ||X W - X A B||_F over rank-r products: with L invertible, L^T A B is any
+  rows; a Conv's: its receptive fields, `CONV_ROWS_PER_BATCH` sampled per batch). That minimises ||X W - X A B||_F over rank-r products: with L invertible, L^T A B is any
   rank-r matrix, the best is [L^T W]_r = L^T W V_r V_r^T. Writing A as W V_r instead of
   L^{-T} U_r Σ_r is the same matrix without inverting L, whose small eigenvalues (directions the
   data never visits) would amplify rounding.
@@ -25,8 +30,9 @@ Kept only where it pays: r (K + N) <= `options["lowrank_max_ratio"]` (0.6) x K N
 target's cost model (ctx.cost) predicts the two products faster than the one (every consultation
 is a CostDecision in the result; a layer that does not pay even at rank 1, two tiny kernels
 instead of one, is declined before any SVD or calibration run). A weight that is not a constant
-2-D float32 tensor, or that another node also reads, a Gemm with transA or a constant A, and
-subgraphs (calibration observes the main graph) are left alone.
+2-D float32 tensor (4-D for a Conv), or that another node also reads, a Gemm with transA or a
+constant A, a grouped Conv or one with auto_pad, and subgraphs (calibration observes the main
+graph) are left alone.
 
 Stats: `split` layers, and the weight parameters of those layers `parameters_before` and
 `parameters_after`.
@@ -48,17 +54,37 @@ LOWRANK_ALIGNMENT = 8
 # Added to S's diagonal, relative to its mean eigenvalue: makes S positive definite where the
 # data spans fewer than K directions, without moving the directions it does span.
 RIDGE = 1e-6
+# Receptive fields per calibration batch in a Conv's second moment: S is (C kh kw)^2, its rows a
+# sample of the batch's output positions (a 56x56 map has 3136 per image).
+CONV_ROWS_PER_BATCH = 2048
 
 
 class _Candidate(NamedTuple):
     node: gs.Node
     activation: gs.Variable
-    weight: np.ndarray  # K x N, as the product reads it: alpha and transB applied
+    weight: np.ndarray  # K x N, as the product reads it: alpha and transB applied; a Conv's W.reshape(O, -1)^T
+
+
+def _conv_candidate(node: gs.Node) -> _Candidate | None:
+    x, w_tensor = node.inputs[0], node.inputs[1]
+    if not isinstance(x, gs.Variable) or ir.constant_value(x) is not None:
+        return None
+    w = ir.constant_value(w_tensor)
+    if w is None or w.dtype != np.float32 or w.ndim != 4 or len(w_tensor.outputs) != 1:
+        return None
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if int(node.attrs.get("group", 1)) != 1 or (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+        return None
+    if min(w.shape[0], w[0].size) < 2:
+        return None
+    return _Candidate(node, x, w.reshape(w.shape[0], -1).T)
 
 
 def _candidate(node: gs.Node) -> _Candidate | None:
-    if node.domain not in ir.DEFAULT_DOMAINS or node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+    if node.domain not in ir.DEFAULT_DOMAINS or node.op not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
         return None
+    if node.op == "Conv":
+        return _conv_candidate(node)
     x, w_tensor = node.inputs[0], node.inputs[1]
     if not isinstance(x, gs.Variable) or ir.constant_value(x) is not None:
         return None
@@ -75,8 +101,27 @@ def _candidate(node: gs.Node) -> _Candidate | None:
     return _Candidate(node, x, w)
 
 
+_SPATIAL_ATTRS = ("kernel_shape", "pads", "strides", "dilations")
+
+
+def _conv_probe(node: gs.Node, x: gs.Variable, rank: int) -> list[gs.Node]:
+    weight = node.inputs[1].values
+    out = node.outputs[0]
+    x_probe = gs.Variable(x.name, dtype=x.dtype, shape=x.shape)
+    hidden = gs.Variable("hidden", dtype=x.dtype, shape=None if out.shape is None else [out.shape[0], rank, *out.shape[2:]])
+    out_probe = gs.Variable(out.name, dtype=out.dtype, shape=out.shape)
+    first = gs.Node("Conv", attrs={k: v for k, v in node.attrs.items() if k in _SPATIAL_ATTRS},
+                    inputs=[x_probe, gs.Constant("a", np.zeros((rank, *weight.shape[1:]), np.float32))], outputs=[hidden])
+    second_inputs = [hidden, gs.Constant("b", np.zeros((weight.shape[0], rank, 1, 1), np.float32))]
+    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        second_inputs.append(gs.Constant("bias", np.zeros(weight.shape[0], np.float32)))
+    return [first, gs.Node("Conv", inputs=second_inputs, outputs=[out_probe])]
+
+
 def _probe(node: gs.Node, x: gs.Variable, k: int, n: int, rank: int) -> list[gs.Node]:
     """Detached copies of what the split would put in the graph, for the cost model only."""
+    if node.op == "Conv":
+        return _conv_probe(node, x, rank)
     x_probe = gs.Variable(x.name, dtype=x.dtype, shape=x.shape)
     hidden = gs.Variable("hidden", dtype=x.dtype, shape=None if x.shape is None else [*x.shape[:-1], rank])
     out = node.outputs[0]
@@ -91,22 +136,27 @@ def _probe(node: gs.Node, x: gs.Variable, k: int, n: int, rank: int) -> list[gs.
     return [first, second]
 
 
-def _second_moments(ctx: PassContext, activations: list[gs.Variable]) -> dict[str, np.ndarray]:
-    """S = X^T X / rows for each activation over the calibration data, in one onnxruntime run."""
+def _second_moments(ctx: PassContext, candidates: list[_Candidate]) -> dict[int, np.ndarray]:
+    """S = X^T X / rows of each candidate's input rows (a Conv's: sampled receptive fields) over
+    the calibration data, in one onnxruntime run; keyed by id(node)."""
     from graphopt import calibration, export
 
-    names = [t.name for t in activations]
-    sums: dict[str, np.ndarray] = {}
-    rows: dict[str, int] = {}
+    names = list(dict.fromkeys(c.activation.name for c in candidates))
+    sums: dict[int, np.ndarray] = {}
+    rows: dict[int, int] = {}
+    rng = np.random.default_rng(0)
     for values in calibration.tensor_batches(export.to_proto(ctx.model), ctx.calibration_data, names, threads=ctx.options.get("threads") or 2):
-        for name, value in values.items():
-            value = np.asarray(value)
-            flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+        for c in candidates:
+            value = np.asarray(values[c.activation.name])
+            if c.node.op == "Conv":
+                flat = calibration.conv_patches(value, c.node, rng, CONV_ROWS_PER_BATCH)[0].astype(np.float64)
+            else:
+                flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
             # Masks and sentinels are not activations (calibration's module docstring).
             flat = np.where(np.isfinite(flat) & (np.abs(flat) < calibration.SENTINEL_MAGNITUDE), flat, 0.0)
-            sums[name] = sums.get(name, 0.0) + flat.T @ flat
-            rows[name] = rows.get(name, 0) + flat.shape[0]
-    return {name: sums[name] / max(rows[name], 1) for name in sums}
+            sums[id(c.node)] = sums.get(id(c.node), 0.0) + flat.T @ flat
+            rows[id(c.node)] = rows.get(id(c.node), 0) + flat.shape[0]
+    return {key: sums[key] / max(rows[key], 1) for key in sums}
 
 
 def _directions(w: np.ndarray, second_moment: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +194,7 @@ def _rank(errors: np.ndarray, tolerance: float, largest: int, forced) -> int | N
 @register_pass
 class LowRankSplit(Pass):
     name = "lowrank-split"
-    description = "MatMul/Gemm by a constant weight -> two products of rank r (truncated or activation-weighted SVD), where the cost model says it pays"
+    description = "MatMul/Gemm/Conv by a constant weight -> two products of rank r (truncated or activation-weighted SVD), where the cost model says it pays"
     # Calibration observes the main graph only; a body's layers would get a different variant.
     subgraphs = False
 
@@ -175,14 +225,14 @@ class LowRankSplit(Pass):
         if ctx.calibration_data is not None:
             for c in candidates:
                 c.activation.dtype = np.float32  # a MatMul's inputs share its weight's type; calibration fetches typed tensors
-            moments = _second_moments(ctx, [c.activation for c in candidates])
+            moments = _second_moments(ctx, candidates)
         split = parameters_before = parameters_after = 0
         for node, x, w in candidates:
             k, n = w.shape
             largest = int(max_ratio * k * n // (k + n))
             if largest < 1:
                 continue
-            second_moment = moments.get(x.name)
+            second_moment = moments.get(id(node))
             if second_moment is not None and not np.trace(second_moment) > 0:
                 second_moment = None  # activations all zero: every rank fits them, the weight alone decides
             sigma, vt = _directions(w, second_moment)
@@ -209,8 +259,33 @@ class LowRankSplit(Pass):
                           if split else {}, decisions)
 
 
+def _split_conv(graph: gs.Graph, ctx: PassContext, node: gs.Node, x: gs.Variable, a: np.ndarray, b: np.ndarray) -> None:
+    """A new kh x kw Conv to r channels (a^T), then the node itself as the 1 x 1 Conv by b^T,
+    keeping its output, name and bias."""
+    base = node.name or node.op
+    weight = node.inputs[1].values
+    rank, out = a.shape[1], node.outputs[0]
+    hidden = gs.Variable(ctx.fresh_name(f"{base}_lowrank"), dtype=x.dtype,
+                         shape=None if out.shape is None else [out.shape[0], rank, *out.shape[2:]])
+    graph.nodes.append(gs.Node("Conv", name=ctx.fresh_name(f"{base}_lowrank_in"),
+                               attrs={k: v for k, v in node.attrs.items() if k in _SPATIAL_ATTRS},
+                               inputs=[x, ir.make_constant(ctx.fresh_name(f"{node.inputs[1].name}_lowrank_a"),
+                                                           np.ascontiguousarray(a.T.reshape(rank, *weight.shape[1:])))],
+                               outputs=[hidden]))
+    ir.set_input(node, 0, hidden)
+    ir.set_input(node, 1, ir.make_constant(ctx.fresh_name(f"{node.inputs[1].name}_lowrank_b"),
+                                           np.ascontiguousarray(b.T.reshape(weight.shape[0], rank, 1, 1))))
+    for attr in ("pads", "strides", "dilations"):
+        node.attrs.pop(attr, None)
+    if "kernel_shape" in node.attrs:
+        node.attrs["kernel_shape"] = [1, 1]
+
+
 def _split(graph: gs.Graph, ctx: PassContext, node: gs.Node, x: gs.Variable, a: np.ndarray, b: np.ndarray) -> None:
     """x @ a into a new MatMul; the node itself becomes the product by b, keeping its output, name and bias."""
+    if node.op == "Conv":
+        _split_conv(graph, ctx, node, x, a, b)
+        return
     base = node.name or node.op
     hidden = gs.Variable(ctx.fresh_name(f"{base}_lowrank"), dtype=x.dtype,
                          shape=None if x.shape is None else [*x.shape[:-1], a.shape[1]])

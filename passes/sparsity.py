@@ -6,6 +6,8 @@ Convs, residual partners, the input channels of every reader), ranks each group'
 removes the least important ones across the whole graph until `options["prune"]` is met:
 
     {"flops": 0.3}    30% fewer FLOPs (multiply-adds of Conv/Gemm/MatMul, counted by the cost analysis)
+    {"budget": True}  as many fewer as options["accuracy_budget"] (a graphopt.accuracy.Budget or its
+                      text, default cos=0.99) allows on held-out calibration batches (`_within_budget`)
 
 Ranking (`options["prune_importance"]`):
 * "activation" (the default with calibration data): channel c's contribution to what its readers
@@ -46,10 +48,15 @@ MAX_ROWS = 20000
 RIDGE = 1e-4  # relative to the mean diagonal of A^T A: keeps the fit stable where channels correlate
 
 
-def parse_prune(spec) -> dict[str, float]:
-    """"flops=0.3" (or a dict) -> {"flops": 0.3}; a one-line error otherwise."""
+PRUNE_FORMS = "flops=FRACTION (0 < FRACTION < 1) or budget (the most FLOPs the --accuracy-budget allows)"
+
+
+def parse_prune(spec) -> dict[str, float | bool]:
+    """"flops=0.3" (or a dict) -> {"flops": 0.3}; "budget" -> {"budget": True}; a one-line error otherwise."""
     if isinstance(spec, dict):
-        items = spec
+        items = dict(spec)
+    elif str(spec).strip() == "budget":
+        return {"budget": True}
     else:
         items = {}
         for part in str(spec).split(","):
@@ -57,10 +64,12 @@ def parse_prune(spec) -> dict[str, float]:
             try:
                 items[key.strip()] = float(value)
             except ValueError:
-                raise GraphoptError(f"--prune takes flops=FRACTION (0 < FRACTION < 1), not '{spec}'") from None
+                raise GraphoptError(f"--prune takes {PRUNE_FORMS}, not '{spec}'") from None
+    if items == {"budget": True}:
+        return items
     if set(items) != {"flops"} or not 0 < items["flops"] < 1:
-        raise GraphoptError(f"--prune takes flops=FRACTION (0 < FRACTION < 1), not '{spec}'")
-    return dict(items)
+        raise GraphoptError(f"--prune takes {PRUNE_FORMS}, not '{spec}'")
+    return items
 
 
 def _known(dims) -> int:
@@ -205,18 +214,20 @@ def _apply(graph: gs.Graph, groups: list[ChannelGroup], kept: list[np.ndarray], 
 # Calibration activations
 
 
-def _run(proto, data, names: list[str], batches: int, first: int = 0) -> dict[str, np.ndarray]:
-    """The named tensors on `batches` calibration batches from batch `first` on, concatenated along
-    axis 0; where the batches' shapes differ (sentences of several lengths), as rows of their last
-    axis ([tokens, features]: what a MatMul reader's fit and the output error read)."""
+def _run_batches(proto, data, names: list[str], batches: int, first: int = 0) -> list[dict[str, np.ndarray]]:
+    """The named tensors on `batches` calibration batches from batch `first` on, one dict per batch."""
     from graphopt import calibration
 
-    collected: dict[str, list[np.ndarray]] = {}
-    for values in calibration.tensor_batches(proto, data, names, batches=batches, first=first):
-        for name, value in values.items():
-            collected.setdefault(name, []).append(np.asarray(value))
+    return [{name: np.asarray(value) for name, value in values.items()}
+            for values in calibration.tensor_batches(proto, data, names, batches=batches, first=first)]
+
+
+def _joined(per_batch: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches concatenated along axis 0; where their shapes differ (sentences of several lengths),
+    as rows of their last axis ([tokens, features]: what a MatMul reader's fit and the output error read)."""
     joined = {}
-    for name, parts in collected.items():
+    for name in per_batch[0] if per_batch else ():
+        parts = [batch[name] for batch in per_batch]
         if len({p.shape[1:] for p in parts}) == 1:
             joined[name] = np.concatenate(parts, axis=0)
         else:
@@ -224,31 +235,14 @@ def _run(proto, data, names: list[str], batches: int, first: int = 0) -> dict[st
     return joined
 
 
+def _run(proto, data, names: list[str], batches: int, first: int = 0) -> dict[str, np.ndarray]:
+    return _joined(_run_batches(proto, data, names, batches, first))
+
+
 def _feature_energy(x: np.ndarray, reader: gs.Node) -> np.ndarray:
     """E[x^2] per feature of a reader's input (a Conv's axis 1, a Gemm/MatMul's last), averaged over the rest."""
     axis = 1 if reader.op == "Conv" else x.ndim - 1
     return (x.astype(np.float64) ** 2).mean(axis=tuple(i for i in range(x.ndim) if i != axis)).reshape(-1)
-
-
-def _im2col(x: np.ndarray, node: gs.Node, rng: np.random.Generator) -> np.ndarray:
-    """A Conv's input as rows of its receptive fields ([rows, C*kh*kw], the weight's layout),
-    at most MAX_ROWS of them, sampled."""
-    n, c, h, w = x.shape
-    weight = node.inputs[1].values
-    kh, kw = weight.shape[2:]
-    top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
-    sh, sw = node.attrs.get("strides", [1, 1])
-    dh, dw = node.attrs.get("dilations", [1, 1])
-    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    picks = rng.choice(n * out_h * out_w, size=min(MAX_ROWS, n * out_h * out_w), replace=False)
-    b, rest = np.divmod(picks, out_h * out_w)
-    oy, ox = np.divmod(rest, out_w)
-    ys = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [rows, kh]
-    xs = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [rows, kw]
-    patches = padded[b[:, None, None, None], np.arange(c)[None, :, None, None], ys[:, None, :, None], xs[:, None, None, :]]
-    return patches.reshape(len(picks), -1), picks
 
 
 def _output_rows(y: np.ndarray, picks: np.ndarray) -> np.ndarray:
@@ -258,11 +252,13 @@ def _output_rows(y: np.ndarray, picks: np.ndarray) -> np.ndarray:
 
 def _reconstruct(reader: gs.Node, x_pruned: np.ndarray, y_original: np.ndarray, graph: gs.Graph, ctx: PassContext, rng) -> bool:
     """Least-squares weights and bias for a reader from its pruned input to its original output."""
+    from graphopt import calibration
+
     weight = reader.inputs[1]
     if reader.op == "Conv":
         if int(reader.attrs.get("group", 1)) != 1 or x_pruned.ndim != 4:
             return False
-        rows, picks = _im2col(x_pruned, reader, rng)
+        rows, picks = calibration.conv_patches(x_pruned, reader, rng, MAX_ROWS)
         target = _output_rows(y_original, picks)
     else:
         rows = x_pruned.reshape(-1, x_pruned.shape[-1])
@@ -400,11 +396,13 @@ class _Sensitivity:
         self.ctx, self.proto, self.original = ctx, proto, original
         self.outputs = [o.name for o in proto.graph.output]
         self.held_out = _held_out(ctx)
-        self.reference = _run(proto, ctx.calibration_data, self.outputs, self.held_out[1], self.held_out[0])
+        self.reference_batches = _run_batches(proto, ctx.calibration_data, self.outputs, self.held_out[1], self.held_out[0])
+        self.reference = _joined(self.reference_batches)
         self.evaluations = 0
 
-    def error(self, removals: dict[str, np.ndarray]) -> float:
-        """Relative squared error of the outputs with these channels (per group name) removed."""
+    def outputs_without(self, removals: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """The outputs on the held-out batches with these channels (per group name) removed and the
+        readers refit (`self.flops_after`: that model's FLOPs per sample)."""
         from graphopt import export, loading
         from graphopt.analysis import shapes
 
@@ -414,23 +412,35 @@ class _Sensitivity:
         chosen = [g for g in groups if g.name in removals]
         kept = [np.setdiff1d(np.arange(g.channels), removals[g.name]) for g in chosen]
         _prune(model.graph, self.ctx, chosen, kept, self.original, model)
-        got = _run(export.to_proto(model), self.ctx.calibration_data, self.outputs, self.held_out[1], self.held_out[0])
+        self.flops_after = sum(_flops(n) for n in model.graph.nodes)
         self.evaluations += 1
+        return _run_batches(export.to_proto(model), self.ctx.calibration_data, self.outputs, self.held_out[1], self.held_out[0])
+
+    def error(self, removals: dict[str, np.ndarray]) -> float:
+        """Relative squared error of the outputs with these channels removed."""
+        got = _joined(self.outputs_without(removals))
         num = sum(float(((got[o].astype(np.float64) - self.reference[o]) ** 2).sum()) for o in self.outputs)
         den = sum(float((self.reference[o].astype(np.float64) ** 2).sum()) for o in self.outputs)
         return num / max(den, 1e-30)
 
 
-def _search(groups: list[ChannelGroup], orders: list[np.ndarray], sensitivity: _Sensitivity, target_flops: float,
-            min_keep: float) -> list[np.ndarray]:
-    """Per-group removal counts from the measured error of each group at each step: greedily the
-    step with the least error added per FLOP saved, until the FLOPs goal is met."""
-    steps: list[list[tuple[int, float]]] = []  # per group: (channels removed, error) for each step
+Steps = list[list[tuple[int, float]]]  # per group: (channels removed, measured error) for each step
+
+
+def _measure_steps(groups: list[ChannelGroup], orders: list[np.ndarray], sensitivity: _Sensitivity, min_keep: float) -> Steps:
+    """Each group pruned alone at eighths of its channels (down to `min_keep`), the error measured."""
+    steps: Steps = []
     for group, order in zip(groups, orders):
         limit = group.channels - max(1, math.ceil(min_keep * group.channels))
         counts = sorted({min(limit, max(1, round(group.channels * k / SEARCH_STEPS))) for k in range(1, SEARCH_STEPS)} - {0})
         counts = [c for c in counts if 0 < c <= limit]
         steps.append([(c, sensitivity.error({group.name: order[:c]})) for c in counts])
+    return steps
+
+
+def _allocate(groups: list[ChannelGroup], orders: list[np.ndarray], steps: Steps, target_flops: float) -> list[np.ndarray]:
+    """Kept channels per group: greedily the step with the least measured error added per FLOP
+    saved, until `target_flops` are saved (or every group is at its limit)."""
     level = [0] * len(groups)  # steps taken per group
     saved = 0.0
     per_channel = [_channel_flops(g) for g in groups]
@@ -451,6 +461,50 @@ def _search(groups: list[ChannelGroup], orders: list[np.ndarray], sensitivity: _
         saved += (count - previous) * per_channel[g]
         level[g] += 1
     return [np.sort(order[0 if level[g] == 0 else steps[g][level[g] - 1][0]:]) for g, order in enumerate(orders)]
+
+
+def _removals(groups: list[ChannelGroup], kept: list[np.ndarray]) -> dict[str, np.ndarray]:
+    return {g.name: np.setdiff1d(np.arange(g.channels), k) for g, k in zip(groups, kept) if len(k) < g.channels}
+
+
+# Probes of the FLOPs saved under an accuracy budget: the most that can go, then bisections to 1/32 of it.
+BUDGET_BISECTIONS = 6
+
+
+def _within_budget(groups: list[ChannelGroup], orders: list[np.ndarray], steps: Steps, sensitivity: _Sensitivity,
+                   budget, record: dict) -> list[np.ndarray] | None:
+    """The allocation that saves the most FLOPs while the whole pruned and refit model meets
+    `budget` on the held-out batches, by bisection over the FLOPs saved (the allocation for a goal
+    is the greedy walk above, so each probe costs one refit and one run); None when even the first
+    probe misses it."""
+    per_channel = [_channel_flops(g) for g in groups]
+    most = sum(steps[g][-1][0] * per_channel[g] for g in range(len(groups)) if steps[g])
+    low, high, best = 0.0, most, None
+    probes = []
+    for _ in range(BUDGET_BISECTIONS):
+        goal = high if best is None and not probes else (low + high) / 2
+        kept = _allocate(groups, orders, steps, goal)
+        measures = budget.measure(sensitivity.reference_batches, sensitivity.outputs_without(_removals(groups, kept)))
+        met = budget.meets(measures)
+        probes.append({"flops_after": sensitivity.flops_after, "met": met, **measures.to_dict()})
+        if met:
+            low, best = goal, (kept, measures)
+            if goal == most:
+                break
+        else:
+            high = goal
+    record.update(budget=str(budget), budget_probes=probes, budget_met=best is not None)
+    if best is None:
+        return None
+    record["budget_measures"] = best[1].to_dict()
+    return best[0]
+
+
+def _budget(spec):
+    """options["accuracy_budget"]: a graphopt.accuracy.Budget, its text, or the default cos=0.99."""
+    from graphopt.accuracy import Budget
+
+    return spec if isinstance(spec, Budget) else Budget.parse(spec or "cos=0.99")
 
 
 @register_pass
@@ -495,9 +549,20 @@ class PruneChannels(Pass):
             scores = [_weight_scores(g) for g in groups]
         min_keep = float(ctx.options.get("prune_min_keep", DEFAULT_MIN_KEEP))
         search = data is not None and ctx.options.get("prune_search", True)
+        if goal.get("budget") and not search:
+            raise GraphoptError("--prune budget measures the accuracy budget on calibration data: add --calibration")
         if search:
             sensitivity = _Sensitivity(ctx, proto, original)
-            kept = _search(groups, [_ranked(s) for s in scores], sensitivity, goal["flops"] * total, min_keep)
+            orders = [_ranked(s) for s in scores]
+            steps = _measure_steps(groups, orders, sensitivity, min_keep)
+            if goal.get("budget"):
+                kept = _within_budget(groups, orders, steps, sensitivity, _budget(ctx.options.get("accuracy_budget")), record)
+                if kept is None:
+                    record["evaluations"] = sensitivity.evaluations
+                    record["groups"] = []
+                    return PassResult(False, stats={"groups refused": len(refused)})
+            else:
+                kept = _allocate(groups, orders, steps, goal["flops"] * total)
             record["evaluations"] = sensitivity.evaluations
         else:
             kept = _choose(groups, scores, goal["flops"] * total, min_keep)

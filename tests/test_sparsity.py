@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import calibration, export, loading, models
+from graphopt import accuracy, calibration, export, loading, models
 from graphopt.analysis import shapes
 from graphopt.analysis.channels import channel_groups
 from graphopt.optimize import optimize_model
@@ -293,3 +293,33 @@ def test_cli_prune_reports_what_it_removed_and_refuses_a_bad_goal(cli, tmp_path)
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode != 0 and len(errors) == 1 and "--prune takes flops=FRACTION" in errors[0] and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_prune_budget_removes_the_most_flops_the_accuracy_budget_allows_on_unseen_data():
+    x_train, x_test, _ = _digits()
+    base, _ = optimize_model(models.load("digits_cnn"), opt_level=2)
+    fp32 = export.to_proto(base)
+    data = calibration.from_arrays({"input": x_train[:512]}, fp32, batch_size=64)
+    reference = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x_test})[0]
+    results = {}
+    for budget in ("cos=0.99", "cos=0.95", "cos=0.99999"):
+        work = onnx.ModelProto()
+        work.CopyFrom(fp32)
+        model, report = optimize_model(work, passes=["prune-channels"], calibration_data=data, options={"prune": "budget"}, accuracy_budget=budget)
+        results[budget] = (export.to_proto(model), report.pruning)
+    strict, loose, impossible = (results[b][1] for b in ("cos=0.99", "cos=0.95", "cos=0.99999"))
+    assert strict["budget_met"] and loose["budget_met"] and not impossible["budget_met"] and not impossible["groups"]
+    assert loose["flops_after"] < strict["flops_after"] < 0.8 * strict["flops_before"]
+    # The budget was measured on held-out calibration batches; it holds on the test set too (64-sample batches).
+    for budget, floor in (("cos=0.99", 0.985), ("cos=0.95", 0.94)):
+        pruned = ort.InferenceSession(results[budget][0].SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x_test})[0]
+        batches = range(0, len(x_test) - 63, 64)
+        m = accuracy.measures([{"y": reference[i:i + 64]} for i in batches], [{"y": pruned[i:i + 64]} for i in batches])
+        assert m.min_cosine >= floor, (budget, m)
+
+
+def test_cli_prune_budget_needs_calibration_data(cli, tmp_path):
+    proc = cli("run", "zoo:digits_cnn", "--prune", "budget", "-o", tmp_path / "p.onnx")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "--calibration" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p.onnx").exists()
