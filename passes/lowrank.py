@@ -226,11 +226,12 @@ class LowRankSplit(Pass):
             for c in candidates:
                 c.activation.dtype = np.float32  # a MatMul's inputs share its weight's type; calibration fetches typed tensors
             moments = _second_moments(ctx, candidates)
-        split = parameters_before = parameters_after = 0
+        split = parameters_before = parameters_after = too_full = 0
         for node, x, w in candidates:
             k, n = w.shape
             largest = int(max_ratio * k * n // (k + n))
             if largest < 1:
+                too_full += 1
                 continue
             second_moment = moments.get(id(node))
             if second_moment is not None and not np.trace(second_moment) > 0:
@@ -239,6 +240,7 @@ class LowRankSplit(Pass):
             errors = _relative_errors(sigma)
             rank = _rank(errors, tolerance, largest, forced)
             if rank is None:
+                too_full += 1  # the tolerance needs a rank whose two products are no smaller
                 continue
             measured = "on the calibration activations" if second_moment is not None else "of the weight"
             summary = f"rank {rank} of {min(k, n)}, relative error {errors[rank]:.2%} {measured}"
@@ -255,8 +257,10 @@ class LowRankSplit(Pass):
             parameters_after += rank * (k + n)
         if split:
             ir.toposort(graph)
-        return PassResult(bool(split), {"split": split, "parameters_before": parameters_before, "parameters_after": parameters_after}
-                          if split else {}, decisions)
+        stats = {"split": split, "parameters_before": parameters_before, "parameters_after": parameters_after} if split else {}
+        if too_full:
+            stats["left whole (rank too high for the tolerance)"] = too_full
+        return PassResult(bool(split), stats, decisions)
 
 
 def _split_conv(graph: gs.Graph, ctx: PassContext, node: gs.Node, x: gs.Variable, a: np.ndarray, b: np.ndarray) -> None:

@@ -184,3 +184,69 @@ def test_graphopt_run_passes_lowrank_split(cli, tmp_path):
     assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["MatMul", "MatMul"]
     record = next(r for r in json.loads(report.read_text())["passes"] if r["name"] == "lowrank-split")
     assert record["stats"]["split"] == 1, record
+
+
+def _conv(w: np.ndarray, x_shape, y_shape, bias: np.ndarray | None = None, **attrs) -> onnx.ModelProto:
+    inputs = ["x", "w"] + (["b"] if bias is not None else [])
+    initializers = [const("w", w)] + ([const("b", bias)] if bias is not None else [])
+    return make_model([helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)],
+                      [helper.make_tensor_value_info("x", F, list(x_shape))],
+                      [helper.make_tensor_value_info("y", F, list(y_shape))], initializers)
+
+
+def _low_rank_conv(rank: int, out: int, channels: int, k: int = 3, seed: int = 0) -> np.ndarray:
+    return _low_rank(rank, channels * k * k, out, seed=seed).T.reshape(out, channels, k, k).copy()
+
+
+def test_a_low_rank_conv_becomes_a_narrow_conv_then_a_1x1_conv():
+    w = _low_rank_conv(8, out=64, channels=32)
+    bias = np.random.default_rng(2).standard_normal(64).astype(np.float32)
+    proto = _conv(w, [2, 32, 17, 17], [2, 64, 9, 9], bias, pads=[1, 1, 1, 1], strides=[2, 2], dilations=[1, 1], kernel_shape=[3, 3])
+    optimized, record = _split(proto, options={"cost": False})
+    assert record.stats["split"] == 1 and record.stats["parameters_after"] == 8 * (32 * 9 + 64), record.stats
+    first, second = optimized.graph.node
+    weights = _weights(optimized)
+    assert weights[first.input[1]].shape == (8, 32, 3, 3) and weights[second.input[1]].shape == (64, 8, 1, 1)
+    attrs = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute}  # noqa: E731
+    assert attrs(first)["strides"] == [2, 2] and attrs(first)["pads"] == [1, 1, 1, 1]
+    assert attrs(second)["kernel_shape"] == [1, 1] and "strides" not in attrs(second) and second.input[2] == "b"
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 32, 17, 17)).astype(np.float32)}
+    assert verify.run(optimized, feeds)["y"].shape == (2, 64, 9, 9)
+    assert _relative_error(proto, optimized, feeds) < 1e-3
+
+
+def test_a_conv_split_weighs_the_receptive_fields_of_its_calibration_inputs():
+    # A full-rank conv whose input only ever lives in 2 of its 16 channels: the plain SVD of the
+    # weight needs a high rank, the activation-weighted one sees that 2 x 9 directions suffice.
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((64, 16, 3, 3)) / 12).astype(np.float32)
+    proto = _conv(w, ["n", 16, 12, 12], ["n", 64, 12, 12], pads=[1, 1, 1, 1])
+    live = np.zeros((1, 16, 1, 1), np.float32)
+    live[:, :2] = 1.0
+    x = (rng.standard_normal((16, 16, 12, 12)) * live).astype(np.float32)
+    data = calibration.from_arrays({"x": x}, proto, batch_size=4)
+    plain, plain_record = _split(proto, options={"lowrank_tolerance": 0.05, "cost": False})
+    weighted, record = _split(proto, calibration_data=data, options={"lowrank_tolerance": 0.05, "cost": False})
+    assert not plain_record.changed and record.stats["split"] == 1, (plain_record.stats, record.stats)
+    held_out = {"x": (rng.standard_normal((3, 16, 12, 12)) * live).astype(np.float32)}
+    assert _relative_error(proto, weighted, held_out) < 0.05
+
+
+def test_on_a_real_resnet_only_the_conv_that_is_of_low_rank_splits_and_where_it_pays():
+    from graphopt import loading, models
+
+    proto = models.load("resnet18")
+    graph = loading.from_proto(proto).graph
+    convs = [n for n in graph.nodes if n.op == "Conv" and n.inputs[1].values.shape[1:] == (256, 3, 3)]
+    target = convs[0].inputs[1].name
+    weights = {t.name: t for t in proto.graph.initializer}
+    shape = tuple(weights[target].dims)
+    weights[target].CopyFrom(numpy_helper.from_array(_low_rank_conv(16, shape[0], shape[1], seed=5), target))
+    optimized, record = _split(proto, target="x86_64", options={"lowrank_tolerance": 0.05})
+    assert record.stats["split"] == 1 and record.stats["left whole (rank too high for the tolerance)"] >= 10, record.stats
+    kept = [d for d in record.decisions if d.kept]
+    assert len(kept) == 1 and kept[0].after_s < kept[0].before_s and "rank 16" in kept[0].reason, record.decisions
+    feeds = {proto.graph.input[0].name: np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    name = proto.graph.output[0].name
+    y0, y = verify.run(proto, feeds)[name], verify.run(optimized, feeds)[name]
+    assert np.linalg.norm(y - y0) / np.linalg.norm(y0) < 1e-3
