@@ -115,14 +115,16 @@ def graphopt_variant(proto, quantize, calib: dict | None, folder: Path, label: s
     work = onnx.ModelProto()
     work.CopyFrom(proto)
     data = None
-    if quantize and isinstance(calib, list):
+    # Pruning, low-rank and N:M sparsity calibrate too.
+    calibrates = quantize or any(key in (options or {}) for key in ("prune", "lowrank_tolerance", "sparsity"))
+    if calibrates and isinstance(calib, list):
         # Samples of different shapes (sequences of several lengths): one .npz each, read as a folder.
         samples = folder / f"{label.replace(' ', '_')}_calibration"
         samples.mkdir(exist_ok=True)
         for i, feed in enumerate(calib):
             np.savez(samples / f"{i:04d}.npz", **feed)
         data = calibration.from_path(samples, proto)
-    elif quantize and calib is not None:
+    elif calibrates and calib is not None:
         data = calibration.from_arrays(calib, proto)
     model, report = optimize_model(work, target="x86_64", opt_level=opt_level, passes=passes, quantize=quantize, calibration_data=data,
                                    accuracy_budget=budget if quantize else None, options={**OPTIONS, **(options or {})})

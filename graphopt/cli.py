@@ -193,6 +193,8 @@ def _load_target_files(paths) -> None:
 @click.option("--sparsity", "sparsity_spec", metavar="N:M",
               help="Zero all but the N largest of every M weights along each Conv/Gemm/MatMul reduction (2:4, 4:8; lossy), where the target's sparse tensor cores make it pay (cuda, fp16/int8); marked in the model's metadata.")
 @click.option("--sparsity-force", is_flag=True, help="Apply --sparsity also where the cost model expects no speedup (any CPU target).")
+@click.option("--measure-stages", is_flag=True,
+              help="Time the model after each stage (the level's passes, each of --prune/--lowrank/--sparsity, --quantize) in onnxruntime here, interleaved over 30 rounds, beside the cost model's prediction.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), help="Write the model after each changing pass into this folder.")
 @click.option("--fold-input-defaults", is_flag=True, help="Treat initializers that are also graph inputs as constants (they are overridable defaults).")
 @click.option("--fold-size-limit", type=int, default=None, help="Largest folded constant in bytes (default 1 MiB).")
@@ -200,7 +202,7 @@ def _load_target_files(paths) -> None:
 @_quiet_option
 @click.option("-v", "--verbose", is_flag=True, help="List every op type in the summary, not only the top changes.")
 def run(model, target, target_files, opt_level, output, artifact_format, backend, tuning_db, passes, disable, report_path, verify, verify_each, inputs_path, rtol, atol,
-        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, smooth, prune_spec, lowrank_tolerance, sparsity_spec, sparsity_force, dump_ir,
+        quantize, calibration_source, calibration_method, quantize_gate, accuracy_budget, ray_address, smooth, prune_spec, lowrank_tolerance, sparsity_spec, sparsity_force, measure_stages, dump_ir,
         fold_input_defaults, fold_size_limit, input_shapes, dims, quiet, verbose, cleanup, plugins):
     """Optimize MODEL (a file or zoo:NAME) for a target and write the result."""
     from graphopt import export, targets
@@ -317,6 +319,8 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
         options["lowrank_tolerance"] = lowrank_tolerance
     if sparsity_spec:
         options.update(sparsity=sparsity_spec, sparsity_force=sparsity_force)
+    if measure_stages:
+        options["measure_stages"] = True
     from graphopt import executor as executors
 
     with executors.create(ray_address) as executor, feedback.phase(f"optimizing {name} for {target} at -O{opt_level}"):
@@ -344,6 +348,13 @@ def run(model, target, target_files, opt_level, output, artifact_format, backend
             backend=backend,
         )
     report.verification_inputs = input_record
+    if report.stage_models:
+        with feedback.phase(f"timing the {len(report.stage_models)} stages in onnxruntime, interleaved"):
+            stage_inputs = inputs if inputs is not None else verify_mod.make_inputs(next(iter(report.stage_models.values())))
+            timed = verify_mod.interleaved_latency_ms(report.stage_models, stage_inputs)
+        for record in report.stages:
+            record.update({f"measured_{k}": v for k, v in timed.get(record["stage"], {}).items()})
+        report.stage_models = {}  # copies of every weight: not kept past the timing
     verified = {}
 
     def check_fidelity(staged: Path) -> None:
@@ -574,6 +585,7 @@ def _print_report(report, verbose: bool = False) -> None:
         err_console.print(f"[yellow]warning:[/yellow] pass '{name}' was rolled back: {escape(reason)}", highlight=False)
     _print_pruning(report.pruning)
     _print_sparsity(report.sparsity)
+    _print_stages(report.stages)
     if report.fidelity is not None:
         _print_fidelity(report.fidelity, report.verification_inputs)
     _print_backend(report.backend)
@@ -606,6 +618,24 @@ def _print_pruning(p: dict | None) -> None:
         first = refused[0]
         console.print(f"{len(refused)} channel groups left whole (e.g. {escape(first['producers'][0])}: {escape(first['reason'])} at {escape(first['node'])})",
                       highlight=False)
+
+
+def _print_stages(stages: list[dict]) -> None:
+    """FLOPs, parameters, predicted and measured time after each stage, as ratios to the original."""
+    if not stages:
+        return
+    first = stages[0]
+    table = Table(title="stages (ratios to the original)", title_justify="left")
+    for col in ("stage", "FLOPs", "parameters", "predicted", "measured (median, min)"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+
+    def ratio(key: str, row: dict) -> str:
+        return "-" if not row.get(key) or not first.get(key) else f"{row[key] / first[key]:.2f}x"
+
+    for row in stages:
+        measured = "-" if "measured_median_ms" not in row else f"{row['measured_median_ms']:.2f} ms ({ratio('measured_median_ms', row)}, {ratio('measured_min_ms', row)})"
+        table.add_row(escape(row["stage"]), ratio("flops", row), ratio("parameters", row), ratio("predicted_s", row), measured)
+    console.print(table)
 
 
 def _print_sparsity(s: dict | None) -> None:

@@ -48,6 +48,10 @@ class Report:
     quantization: dict | None = None
     pruning: dict | None = None  # what prune-channels did: groups, kept channels, refused groups, FLOPs
     sparsity: dict | None = None  # what nm-sparsity did: the pattern, each layer's decision and error
+    # FLOPs, parameters, predicted (and, with --measure-stages, measured) time after each stage:
+    # the original, the level's pipeline, each work-removal family, the quantization.
+    stages: list[dict] = field(default_factory=list)
+    stage_models: dict = field(default_factory=dict)  # stage -> ModelProto, with options["measure_stages"]
     # What a code-generating backend built (targets/backends/tvm.py): its manifest, the build's
     # seconds and the library's measured time against onnxruntime's where it was measured.
     backend: dict | None = None
@@ -88,6 +92,7 @@ class Report:
             "quantization": self.quantization,
             "pruning": self.pruning,
             "sparsity": self.sparsity,
+            "stages": self.stages,
         }
 
 
@@ -254,11 +259,18 @@ def optimize_model(
         except OSError as exc:
             raise GraphoptError(f"cannot create the IR dump folder {dump_ir}: {exc.strerror or exc}") from None
     start = time.perf_counter()
+    families = _reductions(ctx.options, set(_pipeline_names(pipeline)))
+    # Stages only where something lossy follows the pipeline: otherwise before and after say it all.
+    measure = bool(ctx.options.get("measure_stages"))
+    stages = _Stages(ctx, measure, active=measure or bool(families) or quantization is not None)
+    stages.add("original", before)
     records = PassManager(pipeline).run(ctx)
-    reductions = _reductions(ctx.options, set(_pipeline_names(pipeline)))
-    if reductions is not None:
-        # Lossy work removal before quantization: INT8 then calibrates on the smaller graph.
-        records += PassManager(reductions).run(ctx)
+    stages.add(f"-O{opt_level}" if passes is None else "passes")
+    # Lossy work removal before quantization: INT8 then calibrates on the smaller graph. One
+    # family at a time, each a stage of its own in the report.
+    for family in families:
+        records += PassManager(family).run(ctx)
+        stages.add(family.name)
     searched = None
     if quantization is not None and quantize in SMOOTHED and calibration_data is not None and ctx.options.get("smooth", True):
         # Exact, so before the search: every candidate it measures starts from the smoothed model.
@@ -267,6 +279,7 @@ def optimize_model(
         if accuracy_budget is not None and getattr(quantization.items[0], "layer_ops", None):
             searched = _search(ctx, QUANTIZE_PASSES[quantize], accuracy_budget, executor, progress, sensitivity)
         records += PassManager(quantization).run(ctx)
+        stages.add(quantize)
     seconds = time.perf_counter() - start
     ctx.analyses.invalidate()
     ctx.analysis("shapes")
@@ -290,6 +303,8 @@ def optimize_model(
     report.quantization = searched.to_dict() if searched is not None else None
     report.pruning = ctx.options.get("_pruning")
     report.sparsity = ctx.options.get("_sparsity")
+    report.stages = stages.records
+    report.stage_models = stages.models
     if predicted_before is not None and predicted_after is not None:
         cost = ctx.cost
         report.predicted = {
@@ -304,17 +319,48 @@ def optimize_model(
     return model, report
 
 
-def _reductions(options: dict, ran: set[str]) -> Sequential | None:
-    """The lossy passes that remove work, as the options ask for them: channel pruning
-    (options["prune"]), then low-rank splits (options["lowrank_tolerance"]), then N:M sparsity
-    (options["sparsity"]: of the layers the other two left), then dce; none that the pipeline (a
-    --passes list) ran already."""
+def _reductions(options: dict, ran: set[str]) -> list[Sequential]:
+    """The lossy passes that remove work, as the options ask for them, each followed by dce:
+    channel pruning (options["prune"]), then low-rank splits (options["lowrank_tolerance"]), then
+    N:M sparsity (options["sparsity"]: of the layers the other two left); none that the pipeline
+    (a --passes list) ran already."""
     names = ((["prune-channels"] if options.get("prune") else []) + (["lowrank-split"] if options.get("lowrank_tolerance") is not None else [])
              + (["nm-sparsity"] if options.get("sparsity") else []))
-    names = [n for n in names if n not in ran]
-    if not names:
-        return None
-    return Sequential([create_pass(n) for n in [*names, "dce"]], name="reduce")
+    return [Sequential([create_pass(n), create_pass("dce")], name=n) for n in names if n not in ran]
+
+
+class _Stages:
+    """FLOPs, parameters and the cost model's predicted time after each stage of the optimization
+    (the level's pipeline, each work-removal family, the quantization), for the report; with
+    `keep_models`, a copy of the model after each too, for `graphopt run --measure-stages` to time
+    in onnxruntime (copies of every weight, so only when asked)."""
+
+    def __init__(self, ctx: PassContext, keep_models: bool, active: bool):
+        self.ctx, self.keep_models, self.active = ctx, keep_models, active
+        self.records: list[dict] = []
+        self.models: dict[str, onnx.ModelProto] = {}
+
+    def add(self, name: str, stats: ModelStats | None = None) -> None:
+        if not self.active:
+            return
+        ctx = self.ctx
+        if stats is None:
+            ctx.analyses.invalidate()
+            ctx.analysis("shapes")
+            stats = model_stats(ctx.model, ctx.options.get("symbolic_dims"))
+        dims = ctx.options.get("symbolic_dims")
+        if not stats.flops_exact and not dims:
+            # Per sample: the input dims without a size (a batch, a sequence) at 1, so that the
+            # stages compare FLOPs and predictions by the same measure.
+            dims = {d: 1 for d in stats.symbolic_inputs if d != "?"}
+            stats = model_stats(ctx.model, dims)
+        cost = ctx.cost
+        predicted = None if cost is None else cost.estimate_graph(ctx.model.graph, dims)
+        self.records.append({"stage": name, "flops": stats.flops, "flops_exact": stats.flops_exact, "parameters": stats.parameters,
+                             "parameter_bytes": stats.parameter_bytes, "predicted_s": None if predicted is None else predicted.seconds,
+                             "per_sample": bool(dims) and not ctx.options.get("symbolic_dims")})
+        if self.keep_models:
+            self.models[name] = export.to_proto(ctx.model)
 
 
 def _pipeline_names(item) -> list[str]:

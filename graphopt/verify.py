@@ -647,6 +647,38 @@ def latency_ms(
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
+def interleaved_latency_ms(
+    models: dict[str, onnx.ModelProto | str],
+    inputs: dict[str, np.ndarray],
+    *,
+    threads: int = 1,
+    warmup: int = 3,
+    rounds: int = 30,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """{name: {"median_ms", "min_ms"}} of one run of each model (ORT_ENABLE_ALL), the models run
+    one after another in a fresh random order each round: timing on a shared machine drifts, and
+    interleaving lets the drift reach every model alike (../shared/notes/host-and-timing.md)."""
+    import random
+
+    if rounds < 1:
+        raise GraphoptError("interleaved_latency_ms needs rounds >= 1")
+    sessions = {name: _session(m, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL) for name, m in models.items()}
+    feeds = {name: _feeds_for(sess, inputs) for name, sess in sessions.items()}
+    for name, sess in sessions.items():
+        for _ in range(max(0, warmup)):
+            _run_session(sess, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    order, shuffle = list(sessions), random.Random(seed)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            _run_session(sessions[name], feeds[name])
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3} for name, t in times.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Verifying a result against its original (what `graphopt run` and `api.optimize` share)
 

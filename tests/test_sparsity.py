@@ -283,10 +283,17 @@ def test_cli_prune_reports_what_it_removed_and_refuses_a_bad_goal(cli, tmp_path)
     # model misses the default budget cos=0.99 on the held-out batch the CLI checks.
     np.savez(tmp_path / "calib.npz", input=x_train[:512])
     out = tmp_path / "pruned.onnx"
-    proc = cli("run", "zoo:digits_cnn", "--prune", "flops=0.3", "--calibration", tmp_path / "calib.npz", "-o", out, "--report", tmp_path / "r.json")
+    proc = cli("run", "zoo:digits_cnn", "--prune", "flops=0.3", "--calibration", tmp_path / "calib.npz", "-o", out, "--report", tmp_path / "r.json",
+               "--measure-stages")
     assert proc.returncode == 0, proc.stderr
     assert "pruned" in proc.stdout and "channel groups left whole" in proc.stdout
     report = json.loads((tmp_path / "r.json").read_text())
+    # Each family is a stage: FLOPs, parameters, the prediction and the measured time after it.
+    stages = report["stages"]
+    assert [s["stage"] for s in stages] == ["original", "-O2", "prune-channels"] and "stages (ratios to the original)" in proc.stdout
+    # All of the model's FLOPs, activations and pooling too (the goal counts Conv/Gemm/MatMul): a little over 0.7.
+    assert stages[2]["flops"] <= 0.75 * stages[1]["flops"] and stages[2]["parameters"] < stages[1]["parameters"]
+    assert all(s["measured_median_ms"] > 0 and s["predicted_s"] > 0 for s in stages)
     assert report["pruning"]["flops_after"] <= 0.7 * report["pruning"]["flops_before"]
     assert report["pruning"]["refused"][0]["reason"] == "the channels reach a graph output"
     bad = cli("run", "zoo:digits_cnn", "--prune", "flops=1.5", "-o", tmp_path / "bad.onnx")
