@@ -804,14 +804,17 @@ def default_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy that also outputs `tensors` (graph inputs excepted: their values are the feeds)."""
+    """A copy that also outputs `tensors` (graph inputs excepted: their values are the feeds);
+    the model itself where it outputs them all already (no copy of the weights, no shape inference)."""
+    present = {vi.name for vi in model.graph.output} | {vi.name for vi in model.graph.input}
+    missing = [name for name in dict.fromkeys(tensors) if name not in present]
+    if not missing:
+        return model
     types = _value_types(model)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    present = {vi.name for vi in copy.graph.output} | {vi.name for vi in copy.graph.input}
-    for name in tensors:
-        if name not in present:
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+    for name in missing:
+        copy.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
     return copy
 
 

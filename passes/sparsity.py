@@ -23,7 +23,11 @@ Reconstruction (with calibration data): each reader whose input channels were re
 weights and bias by least squares, min ||A_pruned [W'; b'] - Y_original|| on calibration
 activations (A: the reader's pruned input as im2col rows, Y: its original output), so the next
 layer absorbs what the removed channels contributed (their mean, and what the kept channels can
-express of the rest) without retraining (He et al. 2017, "Channel pruning"; ThiNet).
+express of the rest) without retraining (He et al. 2017, "Channel pruning"; ThiNet). Readers are
+refit in waves from the input side (`_waves`): a reader downstream of another is fitted on what
+the pruned model computes once the upstream ones are refit. A probe of the sensitivity search
+(one group pruned) cuts the readers' inputs out of the original activations where that is exact
+(`_sliced_inputs`) instead of running the model.
 
 Lossy: it joins `-O3` only when a budget asks for it (options["prune"]); the accuracy budget is
 checked by the caller's verification like every lossy pass.
@@ -334,6 +338,51 @@ def _distinct(nodes) -> list[gs.Node]:
     return list({id(n): n for n in nodes}.values())
 
 
+def _sliced_inputs(changed: list[tuple[ChannelGroup, np.ndarray]], touched: list[gs.Node], original: dict) -> dict[str, np.ndarray] | None:
+    """The readers' pruned inputs without running the pruned model: the original inputs with the
+    removed channels cut out. Exact where one group changed (every probe of the sensitivity
+    search) and no reader's output flows back into one of its producers (a residual stream's
+    blocks read it and write it): then the producers and everything between them and the readers
+    compute the kept channels as before. None otherwise, or where a reader's input is not a
+    tensor the group indexes."""
+    if len(changed) != 1:
+        return None
+    group, keep = changed[0]
+    producers = {id(p) for p in group.producers}
+    frontier, seen = list(touched), set()
+    while frontier:
+        for out in frontier.pop().outputs:
+            for consumer in out.outputs:
+                if id(consumer) in producers:
+                    return None
+                if id(consumer) not in seen:
+                    seen.add(id(consumer))
+                    frontier.append(consumer)
+    dropped = np.setdiff1d(np.arange(group.channels), keep)
+    where: dict[int, list[tuple[int, int, int]]] = {}
+    for t, offset, block, axis in group.tensors:
+        where.setdefault(id(t), []).append((offset, block, axis))
+    out = {}
+    for reader in touched:
+        x = reader.inputs[0]
+        if id(x) not in where or x.shape is None or x.name not in original:
+            return None
+        values = original[x.name]
+        cuts = {}
+        for offset, block, axis in where[id(x)]:
+            axis = axis % len(x.shape)
+            if values.ndim != len(x.shape):
+                if axis != len(x.shape) - 1:
+                    return None  # sentences of several lengths joined as rows: only the feature axis is left
+                axis = values.ndim - 1
+            mask = cuts.setdefault(axis, np.ones(values.shape[axis], bool))
+            mask[(offset + dropped[:, None] * block + np.arange(block)[None, :]).reshape(-1)] = False
+        for axis, mask in cuts.items():
+            values = np.compress(mask, values, axis=axis)
+        out[x.name] = values
+    return out
+
+
 def _prune(graph: gs.Graph, ctx: PassContext, groups: list[ChannelGroup], kept: list[np.ndarray], original: dict | None, model) -> int:
     """Removes the channels not in `kept`, then (with `original`: the readers' inputs and outputs on
     calibration data before pruning) refits every reader that lost input channels; readers refitted."""
@@ -343,21 +392,53 @@ def _prune(graph: gs.Graph, ctx: PassContext, groups: list[ChannelGroup], kept: 
     _apply(graph, groups, kept, ctx.fresh_name)
     if original is None or not ctx.options.get("prune_reconstruct", True):
         return 0
-    before = len(graph.nodes)
     touched = _distinct(n for g, _ in changed for n in g.consumers)
-    pruned = _run(export.to_proto(model), ctx.calibration_data, [n.inputs[0].name for n in touched], _batches(ctx))
+    pruned = _sliced_inputs(changed, touched, original)
     rng = np.random.default_rng(0)
     # A reader that also produces a pruned group keeps only its kept output channels.
     kept_outputs = {id(p): k for g, k in changed for p in g.producers}
     refitted = 0
-    for reader in touched:
-        target = original[reader.outputs[0].name]
-        if id(reader) in kept_outputs:
-            target = np.take(target, kept_outputs[id(reader)], axis=1 if reader.op == "Conv" else -1)
-        refitted += _reconstruct(reader, pruned[reader.inputs[0].name], target, graph, ctx, rng)
-    if len(graph.nodes) != before:
-        ir.toposort(graph)  # the refit bias Adds went to the end
+    # Readers downstream of other readers are refit on what the refit model upstream computes:
+    # fitted on the pruned model's inputs before the upstream refits, they would learn to make up
+    # for losses those refits then undo (which collapsed the PP-OCR recognizer at 20%).
+    for depth, wave in enumerate(_waves(graph, touched)):
+        if depth or pruned is None:
+            pruned = _run(export.to_proto(model), ctx.calibration_data, [n.inputs[0].name for n in wave], _batches(ctx))
+        before = len(graph.nodes)
+        for reader in wave:
+            target = original[reader.outputs[0].name]
+            if id(reader) in kept_outputs:
+                target = np.take(target, kept_outputs[id(reader)], axis=1 if reader.op == "Conv" else -1)
+            refitted += _reconstruct(reader, pruned[reader.inputs[0].name], target, graph, ctx, rng)
+        if len(graph.nodes) != before:
+            ir.toposort(graph)  # the refit bias Adds went to the end
     return refitted
+
+
+def _waves(graph: gs.Graph, readers: list[gs.Node]) -> list[list[gs.Node]]:
+    """The readers in refit order: wave k holds those whose input k readers upstream of it reach
+    (the longest such chain), so that a wave's inputs are final once the waves before it are refit."""
+    position = {id(n): i for i, n in enumerate(graph.nodes)}
+    ids = {id(r) for r in readers}
+    upstream: dict[int, set[int]] = {id(r): set() for r in readers}
+    for reader in readers:
+        frontier, seen = [reader], set()
+        while frontier:
+            for out in frontier.pop().outputs:
+                for consumer in out.outputs:
+                    if id(consumer) in seen:
+                        continue
+                    seen.add(id(consumer))
+                    frontier.append(consumer)
+                    if id(consumer) in ids:
+                        upstream[id(consumer)].add(id(reader))
+    depth: dict[int, int] = {}
+    for reader in sorted(readers, key=lambda r: position.get(id(r), 0)):
+        depth[id(reader)] = 1 + max((depth[u] for u in upstream[id(reader)]), default=-1)
+    waves: list[list[gs.Node]] = [[] for _ in range(1 + max(depth.values(), default=-1))]
+    for reader in readers:
+        waves[depth[id(reader)]].append(reader)
+    return waves
 
 
 def _batches(ctx: PassContext) -> int:
