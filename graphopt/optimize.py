@@ -281,9 +281,11 @@ def optimize_model(
         records += PassManager(quantization).run(ctx)
         stages.add(quantize)
     seconds = time.perf_counter() - start
-    ctx.analyses.invalidate()
-    ctx.analysis("shapes")
-    after = model_stats(model, ctx.options.get("symbolic_dims"))
+    after = stages.latest
+    if after is None:
+        ctx.analyses.invalidate()
+        ctx.analysis("shapes")
+        after = model_stats(model, ctx.options.get("symbolic_dims"))
     predicted_after = _predict(ctx)
     report = Report(
         source=source,
@@ -339,6 +341,9 @@ class _Stages:
         self.ctx, self.keep_models, self.active = ctx, keep_models, active
         self.records: list[dict] = []
         self.models: dict[str, onnx.ModelProto] = {}
+        # The stats of the model as the last stage left it (shapes inferred afresh): the report's
+        # `after` when nothing changed the model since, without a second inference.
+        self.latest: ModelStats | None = None
 
     def add(self, name: str, stats: ModelStats | None = None) -> None:
         if not self.active:
@@ -348,6 +353,7 @@ class _Stages:
             ctx.analyses.invalidate()
             ctx.analysis("shapes")
             stats = model_stats(ctx.model, ctx.options.get("symbolic_dims"))
+            self.latest = stats
         dims = ctx.options.get("symbolic_dims")
         if not stats.flops_exact and not dims:
             # Per sample: the input dims without a size (a batch, a sequence) at 1, so that the
