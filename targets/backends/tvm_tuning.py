@@ -13,10 +13,12 @@ needs here (../shared/notes/tvm-0.27.md), into a database that `run --backend tv
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from graphopt.errors import GraphoptError
+from graphopt.targets.backends import tvm_schedules
 
 
 def _cpu_device_alias() -> None:
@@ -68,7 +70,8 @@ def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
     database = ms.database.JSONDatabase(work_dir=str(db))
     tasks = ms.relax_integration.extract_tasks(mod, tvm_tgt)
     missing = [t for t in tasks if not database.has_workload(t.dispatched[0])]
-    record = {"tasks": len(tasks), "tuned_tasks": len(missing), "reused_tasks": len(tasks) - len(missing), "trials": 0}
+    record = {"tasks": len(tasks), "tuned_tasks": len(missing), "reused_tasks": len(tasks) - len(missing), "trials": 0,
+              "written_space_tasks": 0}
     if not missing or trials <= 0:
         return record
     cores = os.cpu_count() or 1
@@ -85,10 +88,11 @@ def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
     for group, budget in ((small, small_trials), (large, large_trials)):
         if not group:
             continue
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(group, str(db), num_threads=cores, seed=0)
+        contexts, written = _tune_contexts(group, db, cores)
+        record["written_space_tasks"] += written
         ms.tune.tune_tasks(
             tasks=contexts,
-            task_weights=weights,
+            task_weights=[t.weight for t in group],
             work_dir=str(db),
             max_trials_global=budget,
             num_trials_per_iter=min(MAX_BATCH, max(SMALL_TASK_TRIALS, budget // len(group))),
@@ -101,6 +105,39 @@ def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
     if counter.done and counter.failed == counter.done:
         raise GraphoptError(f"every one of the {counter.done} tuning measurements failed; the database at {db} holds no tuned schedule")
     return record
+
+
+def _tune_contexts(tasks, db: Path, cores: int) -> tuple[list, int]:
+    """(a TuneContext per task, how many use a written space): graphopt's written space where it
+    has one for the kernel (tvm_schedules), MetaSchedule's generic space otherwise."""
+    import tvm.s_tir.meta_schedule as ms
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    contexts, written = [], 0
+    for task, rand_state in zip(tasks, fork_seed(0, n=len(tasks))):
+        logger = _task_logger(db, task.task_name)
+        space = tvm_schedules.space_for(task.dispatched[0], task.target)
+        written += space is not None
+        contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space or "post-order-apply", search_strategy="evolutionary",
+                                       task_name=task.task_name, logger=logger, rand_state=rand_state, num_threads=cores).clone())
+    return contexts, written
+
+
+def _task_logger(db: Path, task_name: str) -> logging.Logger:
+    """A logger writing the task's search log to DIR/logs/TASK.log, printing nothing. Not TVM's
+    get_loggers_from_work_dir: its logging config takes every handler of its global logger by name,
+    and a second call in one process fails on an unnamed one (pytest's, a user's)."""
+    log_dir = Path(db) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{task_name[:100]}.log"
+    logger = logging.getLogger(f"graphopt.tune.{path}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.FileHandler(path, mode="a")
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    return logger
 
 
 def _trial_counter(progress):
