@@ -840,7 +840,8 @@ def tune(model, target, target_files, opt_level, trials, tuning_db, plugins, inp
     if not quiet:
         m = record["measured"]
         console.print(f"{record['tasks']} tasks: {record['tuned_tasks']} tuned with {record['trials']} trials "
-                      f"({record.get('failed_trials', 0)} failed) in {record['seconds']:.0f} s, {record['reused_tasks']} already in {escape(str(db))}",
+                      f"({record.get('failed_trials', 0)} failed) in {record['seconds']:.0f} s, {record['reused_tasks']} already in {escape(str(db))}"
+                      + (f"; {record['written_space_tasks']} convolutions in graphopt's written space" if record.get("written_space_tasks") else ""),
                       highlight=False)
         console.print(f"tuned TVM on this machine: {m['tvm_ms']:.3f} ms against onnxruntime's {m['onnxruntime_ms']:.3f} ms: "
                       f"{m['ratio']:.2f}x onnxruntime's time ({'slower' if m['ratio'] > 1 else 'faster'})", highlight=False)

@@ -80,6 +80,10 @@ def conv_kind(mod, target) -> str | None:
         if len(consumers) != 1:
             return None
         block = consumers[0]
+    try:  # the space must apply to this function: tried once here, not in every search round
+        conv2d_nchw_space(s_tir.Schedule(mod), lanes, kind)
+    except Exception:  # noqa: BLE001 - any schedule error means the generic space
+        return None
     return kind
 
 
@@ -102,6 +106,11 @@ def conv2d_nchw_space(sch, lanes: int, kind: str = "float32"):
         epilogue.append(block)
     for block in epilogue[:-1]:
         sch.compute_inline(block)
+    # What else the epilogue reads (a residual's dequantize) is computed inside it, element by element.
+    if epilogue:
+        for producer in sch.get_producers(epilogue[-1]):
+            if not sch.get(producer).same_as(sch.get(conv)):
+                sch.compute_inline(producer)
     group = INT8_GROUP if kind == "int8" else 1
     channels = int(sch.get(conv).reads[0].source.shape[1])
     # The input copy (the padding) stores a block of channels of each pixel together: the

@@ -9,6 +9,10 @@ needs here (../shared/notes/tvm-0.27.md), into a database that `run --backend tv
   where the schedule rules need them) and builds a batch in about 2 s.
 * Tasks the database already holds are not tuned again: a second model with the same workloads
   (ResNet-18's and ResNet-50's 3x3 convolutions) reuses them.
+* Convolutions are searched in graphopt's written space (tvm_schedules: a direct-convolution
+  structure with only its tile sizes sampled, in float32 or, with VNNI, in integers); the rest in
+  MetaSchedule's generic one. The database holds both kinds of trace alike, and applying it
+  replays them without tuning.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def _build(mod, target, _params):
 SMALL_TASK_SHARE = 0.02
 SMALL_TASK_TRIALS = 8
 MAX_BATCH = 64
+WRITTEN_SPACE_POPULATION = 96
 
 
 def _split_by_work(tasks) -> tuple[list, list]:
@@ -118,7 +123,11 @@ def _tune_contexts(tasks, db: Path, cores: int) -> tuple[list, int]:
         logger = _task_logger(db, task.task_name)
         space = tvm_schedules.space_for(task.dispatched[0], task.target)
         written += space is not None
-        contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space or "post-order-apply", search_strategy="evolutionary",
+        # A written space holds a few hundred points: a small population finds its best as well,
+        # and the search no longer costs more than the measurements of each batch.
+        search = ms.search_strategy.EvolutionarySearch(population_size=WRITTEN_SPACE_POPULATION, init_min_unmeasured=16,
+                                                       genetic_num_iters=2) if space is not None else "evolutionary"
+        contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator=space or "post-order-apply", search_strategy=search,
                                        task_name=task.task_name, logger=logger, rand_state=rand_state, num_threads=cores).clone())
     return contexts, written
 
