@@ -174,6 +174,11 @@ def compile_model(proto: onnx.ModelProto, target, db: Path | None = None, import
 
     tvm_tgt = tvm.target.Target(tvm_target(target))
     if db is not None:
+        from graphopt.targets.backends.tvm_schedules import register_vnni_intrinsic
+
+        # The database's integer traces tensorize with graphopt's intrinsic: replaying them in a
+        # process that did not tune needs it registered.
+        register_vnni_intrinsic()
         mod = tuning_module(proto, tvm_tgt, imported)
         with tvm_tgt:
             # The tuned schedules read the weights in the blocked layouts they chose: the layout

@@ -21,7 +21,8 @@ convolution).
 Sampled: f_middle (vectors of output channels per block), x_inner (outputs per row block),
 c_inner (input channels per reduction step). `conv2d_nchw_space` applies to a fused function whose
 one reduction is a TOPI `conv2d_nchw` (groups 1) with output channels a multiple of the vector
-width; `matches` says whether it does, and other functions keep MetaSchedule's generic space.
+width, in float32 or (with VNNI) u8 x s8 -> s32; `conv_kind` says whether and how it does, and
+other functions keep MetaSchedule's generic space.
 """
 
 from __future__ import annotations
@@ -116,10 +117,11 @@ def conv2d_nchw_space(sch, lanes: int, kind: str = "float32"):
     # The input copy (the padding) stores a block of channels of each pixel together: the
     # reduction then reads neighbouring addresses, not one plane per channel (cache sets, TLB),
     # and in integers each 4 channels form vpdpbusd's operand.
-    block = group if group > 1 else INPUT_CHANNEL_BLOCK if channels % INPUT_CHANNEL_BLOCK == 0 else 1
-    if block > 1 and (group > 1 or sch.get_producers(conv)):
-        pad = sch.get_producers(conv)[0] if sch.get_producers(conv) else sch.cache_read(conv, 0, "global")
-        sch.transform_layout(pad, ("write", 0), lambda b, c, h, w: (b, c // block, h, w, c % block))
+    channel_block = group if group > 1 else INPUT_CHANNEL_BLOCK if channels % INPUT_CHANNEL_BLOCK == 0 else 1
+    producers = sch.get_producers(conv)
+    if channel_block > 1 and (group > 1 or producers):
+        pad = producers[0] if producers else sch.cache_read(conv, 0, "global")
+        sch.transform_layout(pad, ("write", 0), lambda b, c, h, w: (b, c // channel_block, h, w, c % channel_block))
     for producer in sch.get_producers(conv):  # the padding copy, computed on its own
         loops = sch.get_loops(producer)
         if len(loops) >= 3:
@@ -205,9 +207,9 @@ def register_vnni_intrinsic() -> str:
 def _prepack_weights(sch, conv, lanes: int, group: int) -> None:
     """Reads the constant weights through a copy in the order the loops read them, [output channel
     block, input channel block, ky, kx, lanes, group] (OIHW16o or OIHW16o4i), marked as
-    MetaSchedule's layout rewrite: the build folds it into the constant (tvm.compile_model), and a
-    tuning measurement leaves it out. Fixed, not the sampled tiles' order, so that it stays right
-    when the search mutates them."""
+    MetaSchedule's layout rewrite: the build splits it off and folds it into the constant
+    (tvm.compile_model), and a tuning measurement leaves it out. Fixed, not the sampled tiles'
+    order, so that it stays right when the search mutates them."""
     weights = sch.cache_read(conv, 1, "global")
     sch.annotate(weights, LAYOUT_REWRITE, True)
     sch.transform_layout(weights, ("write", 0), lambda o, i, h, w: (o // lanes, i // group, h, w, o % lanes, i % group))
@@ -220,8 +222,6 @@ def space_for(mod, target):
         return None
     import tvm.s_tir.meta_schedule as ms
 
-    if kind == "int8":
-        register_vnni_intrinsic()
     lanes = vector_lanes(target)
     postprocs = [ms.postproc.DisallowDynamicLoop(), ms.postproc.RewriteParallelVectorizeUnroll(), ms.postproc.RewriteReductionBlock()]
     return ms.space_generator.ScheduleFn(lambda sch: conv2d_nchw_space(sch, lanes, kind), sch_rules=[], postprocs=postprocs,
