@@ -62,8 +62,6 @@ def conv_kind(mod, target) -> str | None:
     if len(reductions) != 1 or sch.get(reductions[0]).name_hint != CONV_BLOCK or _reduction_kinds(sch, reductions[0]) != "SSSSRRR":
         return None
     conv = reductions[0]
-    if len(sch.get_loops(conv)) != 7:
-        return None
     out = sch.get(conv).writes[0].source
     data, weights = (r.source for r in sch.get(conv).reads[:2])
     kind = None
@@ -75,17 +73,25 @@ def conv_kind(mod, target) -> str | None:
     lanes = vector_lanes(target, 32)
     if kind is None or lanes is None or len(out.shape) != 4 or int(out.shape[1]) % lanes:
         return None
-    # Each epilogue block must read one block's output: a chain inlined into its last block.
-    block = conv
-    while consumers := sch.get_consumers(block):
-        if len(consumers) != 1:
-            return None
-        block = consumers[0]
+    if _epilogue(sch, conv) is None:
+        return None
     try:  # the space must apply to this function: tried once here, not in every search round
         conv2d_nchw_space(s_tir.Schedule(mod), lanes, kind)
     except Exception:  # noqa: BLE001 - any schedule error means the generic space
         return None
     return kind
+
+
+def _epilogue(sch, conv) -> list | None:
+    """The blocks after the convolution, in order, each reading the one before (a chain the space
+    inlines into its last block); None where a block has several readers."""
+    chain, block = [], conv
+    while consumers := sch.get_consumers(block):
+        if len(consumers) != 1:
+            return None
+        block = consumers[0]
+        chain.append(block)
+    return chain
 
 
 def _has_vnni(target) -> bool:
@@ -100,11 +106,7 @@ INPUT_CHANNEL_BLOCK = 16
 def conv2d_nchw_space(sch, lanes: int, kind: str = "float32"):
     """Schedules the conv2d_nchw function in `sch` (see the module doc); returns sch."""
     conv = sch.get_sblock(CONV_BLOCK)
-    epilogue = []
-    block = conv
-    while consumers := sch.get_consumers(block):
-        block = consumers[0]
-        epilogue.append(block)
+    epilogue = _epilogue(sch, conv)
     for block in epilogue[:-1]:
         sch.compute_inline(block)
     # What else the epilogue reads (a residual's dequantize) is computed inside it, element by element.
