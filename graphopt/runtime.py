@@ -6,12 +6,16 @@ model's inputs and outputs.
 
 Needs Apache TVM's runtime (`pip install 'graphopt[tvm]'`, or the aarch64 wheels on an arm64
 machine) and nothing else of graphopt's dependencies, so that the artifact can run where
-onnxruntime does not: this module imports only json, numpy and tvm.
+onnxruntime does not: this module imports only the standard library, numpy and tvm.
+
+It runs on every physical core the process may use, as onnxruntime does (`TVM_NUM_THREADS`, when
+set, wins).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +23,36 @@ import numpy as np
 MANIFEST_FORMAT = "graphopt-tvm"  # targets/backends/tvm.py writes it
 
 
+def physical_cores() -> int:
+    """The physical cores among the CPUs this process may run on (hardware threads of one core
+    count once); the number of CPUs where the topology cannot be read."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(allowed)
+    return max(1, len(cores))
+
+
+def use_physical_cores() -> int:
+    """Sets `TVM_NUM_THREADS` to `physical_cores()` unless it is set already; returns the count.
+
+    TVM sizes a thread's pool once, at its first parallel call, from that variable or else from
+    half the logical CPUs (it assumes two hardware threads per core): on a machine with one
+    thread per core, such as the 2-vCPU VMs here, every parallel loop ran on one core of two.
+    Call it before anything runs; a pool that already exists keeps its size."""
+    if not os.environ.get("TVM_NUM_THREADS"):
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
 class CompiledModel:
     """A TVM library with its manifest: call it with {input name: array}."""
 
     def __init__(self, library: Path, manifest: dict):
+        use_physical_cores()
         import tvm
         from tvm import relax
 

@@ -4,8 +4,12 @@ computes what the ONNX model does, a manifest that says what it takes, and one-l
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -46,6 +50,25 @@ def test_run_builds_a_library_that_computes_what_the_model_does(cli, tmp_path):
     # The manifest itself loads too, and a wrong shape is refused by name.
     with pytest.raises(ValueError, match="input input has shape"):
         runtime.load(tvm_backend.manifest_path(out))(input=np.zeros((2, 1, 8, 8), np.float32))
+
+
+def test_a_loaded_library_runs_on_every_physical_core(cli, tmp_path):
+    """TVM's own default halves the logical CPUs: on a machine with one hardware thread per core
+    the compiled model (and every tuning measurement) ran on half the cores onnxruntime uses."""
+    out = tmp_path / "digits.so"
+    assert cli("run", "zoo:digits_cnn", "--backend", "tvm", "--dim", "batch=1", "-o", out).returncode == 0
+    probe = ("import os, sys, numpy as np, tvm; from graphopt import runtime; m = runtime.load(sys.argv[1]); "
+             "m(input=np.zeros((1, 1, 8, 8), np.float32)); "
+             "print(tvm.get_global_func('runtime.NumThreads')(), runtime.physical_cores())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    threads, cores = subprocess.run([sys.executable, "-c", probe, str(out)], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()
+    assert int(threads) == int(cores) == len({Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text()
+                                              for c in os.sched_getaffinity(0)})
+    # A user's TVM_NUM_THREADS wins.
+    threads, _ = subprocess.run([sys.executable, "-c", probe, str(out)], env={**env, "TVM_NUM_THREADS": "1"},
+                                capture_output=True, text=True, check=True).stdout.split()
+    assert threads == "1"
 
 
 def test_dynamic_inputs_are_refused_by_name_and_nothing_is_written(cli, tmp_path):

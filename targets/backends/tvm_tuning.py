@@ -25,6 +25,16 @@ from graphopt.errors import GraphoptError
 from graphopt.targets.backends import tvm_schedules
 
 
+def _runner_worker_setup() -> None:
+    """Run in each runner worker before it measures: the device alias below, and the thread pool
+    on every physical core, as the compiled model runs (graphopt.runtime.use_physical_cores):
+    TVM's default of half the logical CPUs measured every candidate on one core of two here."""
+    from graphopt import runtime
+
+    runtime.use_physical_cores()
+    _cpu_device_alias()
+
+
 def _cpu_device_alias() -> None:
     import tvm
 
@@ -102,7 +112,7 @@ def tune(proto, target, db: str | Path, trials: int, progress=None) -> dict:
             max_trials_global=budget,
             num_trials_per_iter=min(MAX_BATCH, max(SMALL_TASK_TRIALS, budget // len(group))),
             builder=ms.builder.LocalBuilder(f_build=_build, max_workers=cores),
-            runner=ms.runner.LocalRunner(initializer=_cpu_device_alias),
+            runner=ms.runner.LocalRunner(initializer=_runner_worker_setup),
             database=database,
             measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
         )
