@@ -189,7 +189,7 @@ def _load_target_files(paths) -> None:
 @click.option("--prune", "prune_spec", metavar="flops=FRACTION|budget",
               help="Remove whole Conv/Gemm channels and attention heads until the FLOPs fall by FRACTION, or (budget) as far as --accuracy-budget allows on held-out calibration batches (lossy): with --calibration, per-layer ratios from a measured sensitivity search and the next layers refit by least squares; before any --quantize.")
 @click.option("--lowrank", "lowrank_tolerance", type=float, metavar="TOLERANCE",
-              help="Split constant-weight MatMul/Gemm into two of low rank where the cost model says it pays, each within TOLERANCE relative output error (lossy; activation-weighted with --calibration).")
+              help="Split constant-weight MatMul/Gemm/Conv into products of low rank where the cost model says it pays, each within TOLERANCE relative output error (lossy; activation-weighted with --calibration); a k x k Conv becomes k x k then 1 x 1, or Tucker-2 (1 x 1, k x k, 1 x 1), whichever is predicted faster.")
 @click.option("--sparsity", "sparsity_spec", metavar="N:M",
               help="Zero all but the N largest of every M weights along each Conv/Gemm/MatMul reduction (2:4, 4:8; lossy), where the target's sparse tensor cores make it pay (cuda, fp16/int8); marked in the model's metadata.")
 @click.option("--sparsity-force", is_flag=True, help="Apply --sparsity also where the cost model expects no speedup (any CPU target).")

@@ -8,10 +8,12 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from helpers import F, const, copy, make_model
 from onnx import helper, numpy_helper
 
 from graphopt import calibration, export, verify
+from graphopt.errors import GraphoptError
 from graphopt.optimize import optimize_model
 
 K = N = 256
@@ -246,6 +248,93 @@ def test_on_a_real_resnet_only_the_conv_that_is_of_low_rank_splits_and_where_it_
     assert record.stats["split"] == 1 and record.stats["left whole (rank too high for the tolerance)"] >= 10, record.stats
     kept = [d for d in record.decisions if d.kept]
     assert len(kept) == 1 and kept[0].after_s < kept[0].before_s and "rank 16" in kept[0].reason, record.decisions
+    feeds = {proto.graph.input[0].name: np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    name = proto.graph.output[0].name
+    y0, y = verify.run(proto, feeds)[name], verify.run(optimized, feeds)[name]
+    assert np.linalg.norm(y - y0) / np.linalg.norm(y0) < 1e-3
+
+
+def _tucker_conv(r_in: int, r_out: int, out: int, channels: int, k: int = 3, noise: float = 1e-5, seed: int = 0) -> np.ndarray:
+    """A k x k weight of multilinear ranks (r_out, r_in) in its output and input channels."""
+    rng = np.random.default_rng(seed)
+    core = rng.standard_normal((r_out, r_in, k, k))
+    u_out, u_in = rng.standard_normal((out, r_out)), rng.standard_normal((channels, r_in))
+    w = np.einsum("or,rsij,cs->ocij", u_out, core, u_in) / np.sqrt(channels * k * k * r_in * r_out)
+    return (w + noise * rng.standard_normal(w.shape) * np.abs(w).mean()).astype(np.float32)
+
+
+def test_a_conv_of_low_rank_in_both_channel_modes_becomes_a_tucker_2_chain():
+    # Of multilinear rank 16 in C and O: the two-conv split needs rank 16 on (C k k + O) per
+    # position, Tucker-2 only C 16 + 16 16 k k + O 16, so "auto" takes Tucker-2. Strided and
+    # padded: the first 1 x 1 runs before the padding.
+    w = _tucker_conv(16, 16, out=128, channels=96)
+    bias = np.random.default_rng(2).standard_normal(128).astype(np.float32)
+    proto = _conv(w, [2, 96, 15, 15], [2, 128, 8, 8], bias, pads=[1, 1, 1, 1], strides=[2, 2], kernel_shape=[3, 3])
+    optimized, record = _split(proto, options={"cost": False})
+    assert record.stats["split"] == 1 and record.stats["tucker2"] == 1, record.stats
+    assert record.stats["parameters_after"] == 96 * 16 + 16 * 16 * 9 + 128 * 16, record.stats
+    first, core, last = optimized.graph.node
+    weights = _weights(optimized)
+    assert [weights[n.input[1]].shape for n in (first, core, last)] == [(16, 96, 1, 1), (16, 16, 3, 3), (128, 16, 1, 1)]
+    attrs = lambda node: {a.name: helper.get_attribute_value(a) for a in node.attribute}  # noqa: E731
+    assert "pads" not in attrs(first) and attrs(core)["strides"] == [2, 2] and attrs(core)["pads"] == [1, 1, 1, 1]
+    assert attrs(last)["kernel_shape"] == [1, 1] and last.input[2] == "b" and last.output == ["y"]
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 96, 15, 15)).astype(np.float32)}
+    assert _relative_error(proto, optimized, feeds) < 1e-3
+    split_only, split_record = _split(proto, options={"cost": False, "lowrank_conv_form": "split"})
+    assert "tucker2" not in split_record.stats and [n.op_type for n in split_only.graph.node] == ["Conv", "Conv"], split_record.stats
+
+
+def test_tucker_2_is_not_forced_on_a_conv_whose_input_channels_are_all_needed():
+    # Low rank only across its outputs: the input-channel projection cannot drop any channel
+    # within the tolerance, so "tucker" leaves it whole and "auto" takes the two-conv split.
+    w = _low_rank_conv(8, out=64, channels=32)
+    proto = _conv(w, [1, 32, 12, 12], [1, 64, 12, 12], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    tucker, tucker_record = _split(proto, options={"cost": False, "lowrank_conv_form": "tucker"})
+    assert not tucker_record.changed and [n.op_type for n in tucker.graph.node] == ["Conv"], tucker_record.stats
+    auto, auto_record = _split(proto, options={"cost": False})
+    assert auto_record.stats["split"] == 1 and "tucker2" not in auto_record.stats, auto_record.stats
+
+
+def test_a_tucker_2_split_weighs_its_calibration_inputs():
+    # A full-rank weight whose input lives in 4 of 64 channels: the weight alone admits no
+    # Tucker-2 form within 5%; the activations say 4 input directions carry everything.
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
+    proto = _conv(w, ["n", 64, 10, 10], ["n", 64, 10, 10], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    mixing = rng.standard_normal((4, 64)).astype(np.float32)
+
+    def inputs(count: int) -> np.ndarray:
+        return np.einsum("nlhw,lc->nchw", rng.standard_normal((count, 4, 10, 10)), mixing).astype(np.float32)
+
+    data = calibration.from_arrays({"x": inputs(16)}, proto, batch_size=4)
+    options = {"lowrank_tolerance": 0.05, "cost": False, "lowrank_conv_form": "tucker"}
+    plain, plain_record = _split(proto, options=options)
+    weighted, record = _split(proto, calibration_data=data, options=options)
+    assert not plain_record.changed and record.stats["tucker2"] == 1, (plain_record.stats, record.stats)
+    assert _weights(weighted)[weighted.graph.node[0].input[1]].shape[0] < 64
+    assert _relative_error(proto, weighted, {"x": inputs(3)}) < 0.05
+
+
+def test_an_unknown_conv_form_is_refused_by_name():
+    proto = _conv(_tucker_conv(16, 16, out=64, channels=64), [1, 64, 8, 8], [1, 64, 8, 8], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    with pytest.raises(GraphoptError, match="lowrank_conv_form 'cp'"):
+        _split(proto, options={"lowrank_conv_form": "cp"})
+
+
+def test_on_a_real_resnet_the_cost_model_keeps_tucker_2_where_it_pays():
+    from graphopt import loading, models
+
+    proto = models.load("resnet18")
+    graph = loading.from_proto(proto).graph
+    target = next(n for n in graph.nodes if n.op == "Conv" and n.inputs[1].values.shape[1:] == (256, 3, 3)).inputs[1].name
+    weights = {t.name: t for t in proto.graph.initializer}
+    shape = tuple(weights[target].dims)
+    weights[target].CopyFrom(numpy_helper.from_array(_tucker_conv(32, 32, shape[0], shape[1], seed=5), target))
+    optimized, record = _split(proto, target="x86_64", options={"lowrank_tolerance": 0.05})
+    assert record.stats["tucker2"] == 1 and record.stats["split"] == 1, record.stats
+    kept = [d for d in record.decisions if d.kept]
+    assert len(kept) == 1 and kept[0].after_s < kept[0].before_s and "Tucker-2 ranks 32 in of 256, 32 out" in kept[0].reason, record.decisions
     feeds = {proto.graph.input[0].name: np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     name = proto.graph.output[0].name
     y0, y = verify.run(proto, feeds)[name], verify.run(optimized, feeds)[name]
