@@ -12,7 +12,9 @@ onnxruntime and, lowered to integer conv2d/matmul (targets/backends/tvm_int8.py)
 and tuned at the same budgets.
 
 Models: resnet18, resnet50, mobilenetv2 (zoo, batch 1) and bert_tiny (the BERT-style encoder,
-[1, 16]); bert_base is also accepted. TVM's threads are all cores, as onnxruntime's here.
+[1, 16]); bert_base is also accepted, and `external:NAME`, a trained model of benchmarks/external
+(fetched into --external-cache, its symbolic dims fixed at the entry's realistic `dims`), such as
+external:nudenet_320n (YOLOv8n at 1x3x320x320). TVM's threads are all cores, as onnxruntime's here.
 """
 
 from __future__ import annotations
@@ -31,12 +33,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
-from graphopt import calibration, export, models, runtime, targets, verify  # noqa: E402
+from graphopt import calibration, export, models, runtime, specialize, targets, verify  # noqa: E402
 from graphopt.optimize import optimize_model  # noqa: E402
 from graphopt.targets.backends import tvm as tvm_backend  # noqa: E402
 from graphopt.targets.backends import tvm_tuning  # noqa: E402
 
-MODELS = ("resnet18", "resnet50", "mobilenetv2", "bert_tiny", "bert_base")
+MODELS = ("resnet18", "resnet50", "mobilenetv2", "bert_tiny", "bert_base", "external:NAME")
+EXTERNAL_CACHE = Path("~/.cache/graphopt/external").expanduser()
+
+
+def _load(name: str) -> onnx.ModelProto:
+    """A zoo model, or `external:NAME` with its symbolic dims fixed (the TVM backend wants static shapes)."""
+    if not name.startswith("external:"):
+        return models.load(name)
+    from benchmarks.external import models as external
+
+    entry = external.ENTRIES[name.removeprefix("external:")]
+    proto = onnx.load(str(external.fetch(entry, EXTERNAL_CACHE)))
+    specialize.specialize_proto(proto, dims=entry.dims)
+    return proto
 
 
 class _Library:
@@ -55,7 +70,7 @@ class _Library:
 def _int8_graph(name: str, target: str, backend: str):
     """graphopt's static INT8 of the model (random calibration: this benchmark times, the accuracy
     of INT8 is benchmarks/quantize.py's), for `backend`."""
-    proto = models.load(name)
+    proto = _load(name)
     rng = np.random.default_rng(0)
     inputs, _ = tvm_backend.static_signature(proto)
     samples = {i["name"]: (rng.standard_normal([CALIBRATION_SAMPLES, *i["shape"][1:]]).astype(np.float32) if i["dtype"].startswith("float")
@@ -73,21 +88,22 @@ def bench_model(name: str, budgets: list[int], rounds: int, work: Path, target: 
     from benchmarks.bench import _latency
 
     tgt = tvm_backend.for_tvm(targets.get(target))
-    fp32_ort, _ = optimize_model(models.load(name), target=target, opt_level=2)
-    ort_path = work / f"{name}.ort.onnx"
+    fp32_ort, _ = optimize_model(_load(name), target=target, opt_level=2)
+    stem = name.replace(":", "_")
+    ort_path = work / f"{stem}.ort.onnx"
     export.save(fp32_ort, ort_path)
-    tvm_graph, _ = optimize_model(models.load(name), target=target, opt_level=2, backend="tvm")
+    tvm_graph, _ = optimize_model(_load(name), target=target, opt_level=2, backend="tvm")
     graphs = {"tvm": export.to_proto(tvm_graph)}
     variants: dict = {"original": str(ort_path)}
     if int8:
-        int8_ort = work / f"{name}.int8.onnx"
+        int8_ort = work / f"{stem}.int8.onnx"
         export.save(_int8_graph(name, target, "onnxruntime"), int8_ort)
         variants["onnxruntime int8"] = str(int8_ort)
         graphs["tvm int8"] = export.to_proto(_int8_graph(name, target, "tvm"))
     info: dict = {}
 
     def build(label: str, proto, db: Path | None) -> None:
-        library = work / f"{name}.{label.replace(' ', '_')}.so"
+        library = work / f"{stem}.{label.replace(' ', '_')}.so"
         start = time.perf_counter()
         tvm_backend.build(proto, tgt, db, library)
         info.setdefault(label, {})["compile_s"] = round(time.perf_counter() - start, 1)
@@ -96,7 +112,7 @@ def bench_model(name: str, budgets: list[int], rounds: int, work: Path, target: 
     for kind, proto in graphs.items():
         build(f"{kind} untuned", proto, None)
         for budget in budgets:
-            db = work / f"{name}.{kind.replace(' ', '_')}.db{budget}"
+            db = work / f"{stem}.{kind.replace(' ', '_')}.db{budget}"
             start = time.perf_counter()
             tuned = tvm_tuning.tune(proto, tgt, db, budget)
             label = f"{kind} tuned {budget}"
